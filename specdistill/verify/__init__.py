@@ -1,0 +1,1 @@
+"""The speculative verifier: proposers, chain/tree verification, lossless sampling, metrics."""
