@@ -212,6 +212,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, args[0], key)
     if origin in (list, tuple):
         (inner,) = typing.get_args(tp)[:1] or (Any,)
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}: cannot parse {value!r} as a list") from None
         if isinstance(value, str):
             value = [v for v in (s.strip() for s in value.split(",")) if v] if value else []
         if not isinstance(value, (list, tuple)):
@@ -240,6 +245,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a float, got {value!r}") from None
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads unquoted no/off/yes as booleans
+            return "no" if not value else "yes"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return "" if value is None else str(value)
@@ -296,10 +303,9 @@ def parse_overrides(argv: list[str]) -> dict:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("-")
-        try:
-            val = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            val = raw
+        # Keep the raw text: `_coerce` converts it by the field's type, so `no` stays a string
+        # for str fields instead of YAML's False, and `[1, 2]` becomes a list for list fields.
+        val = raw
         node = out
         parts = key.split(".")
         for p in parts[:-1]:

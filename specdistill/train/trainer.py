@@ -1,0 +1,307 @@
+"""The one training loop every drafter family uses (DESIGN.md, STYLE.md 1.3).
+
+A family supplies `loss(batch, target_out) -> LossOutput`; everything else lives here:
+accelerate, the frozen target forward, gradient accumulation with the loss normalised by the
+global token count (across accumulation steps and ranks), mixed precision, AdamW with warmup +
+cosine, clipping, validation, atomic checkpoints, exact resume, logging and the progress bar.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from specdistill import config as config_mod
+from specdistill.train import checkpoint
+from specdistill.train import logging as tlog
+from specdistill.train.schedule import lr_factor
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class _LossModule(torch.nn.Module):
+    """Routes the drafter's loss through `forward`, so DDP/DeepSpeed wrappers and autocast apply."""
+
+    def __init__(self, drafter):
+        super().__init__()
+        self.drafter = drafter
+
+    def forward(self, batch, target_out):
+        out = self.drafter.loss(batch, target_out)
+        return out.loss, torch.as_tensor(out.num_tokens, dtype=torch.float32), out.metrics
+
+
+def _resolve_precision(mp: str) -> str:
+    if mp != "auto":
+        return mp
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def default_token_count(batch) -> torch.Tensor:
+    """Loss tokens of a micro-batch: assistant tokens that have a previous position to predict them."""
+    return batch["loss_mask"][:, 1:].sum()
+
+
+class Trainer:
+    def __init__(self, cfg, target, drafter, train_ds, val_ds=None, collate_fn: Callable | None = None,
+                 target_fn: Callable | None = None, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import GradientAccumulationPlugin, set_seed
+
+        self.cfg = cfg
+        self.tc = cfg.train
+        # sync_with_dataloader=False: our accumulation windows may span epochs (the loader restarts).
+        plugin = GradientAccumulationPlugin(num_steps=self.tc.grad_accum, sync_with_dataloader=False)
+        self.accelerator = accelerator or Accelerator(
+            gradient_accumulation_plugin=plugin, mixed_precision=_resolve_precision(self.tc.mixed_precision)
+        )
+        acc = self.accelerator
+        try:
+            from specdistill.train.topology import check_topology
+        except ImportError:
+            check_topology = None
+        if check_topology is not None:
+            check_topology(acc, self.tc)
+        set_seed(self.tc.seed)
+        self.out_dir = Path(self.tc.output_dir)
+        self.target = target
+        if target is not None:
+            self.target.to(acc.device)
+        self.drafter = drafter
+        self.layers = drafter.spec.target_layers(drafter.cfg, target.config) if target is not None else []
+        self.train_ds, self.val_ds = train_ds, val_ds
+        if collate_fn is None:
+            from specdistill.data.collate import collate
+
+            pad = target.tokenizer.pad_token_id if target is not None else 0
+            collate_fn = lambda b: collate(b, pad)  # noqa: E731
+        self.collate_fn = collate_fn
+        self.target_fn = target_fn or self._online_target
+        self.count_tokens = getattr(drafter, "num_loss_tokens", default_token_count)
+        params = [p for p in drafter.trainable_parameters()] if hasattr(drafter, "trainable_parameters") \
+            else [p for p in drafter.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.tc.lr, betas=tuple(self.tc.betas),
+        )
+        # The scheduler is stepped by us once per optimizer step, so warmup_steps means optimizer
+        # steps whatever the number of processes (accelerate's prepared scheduler would step N times).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, self.tc.warmup_steps, self.tc.max_steps, self.tc.min_lr_ratio)
+        )
+        self.model, self.optimizer = acc.prepare(_LossModule(drafter), opt)
+        self.is_deepspeed = acc.distributed_type.name == "DEEPSPEED"
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.tokens_seen = 0
+        self.best_val = None
+
+    # ------------------------------------------------------------------ target features
+    def _online_target(self, batch):
+        return self.target(batch["input_ids"], batch.get("attention_mask"), layers=self.layers, return_logits=False)
+
+    def _to_device(self, batch):
+        return {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ data
+    def _loader(self, ds, epoch: int, shuffle: bool):
+        g = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(ds), generator=g).tolist() if shuffle else list(range(len(ds)))
+        dl = DataLoader(ds, batch_size=self.tc.micro_batch_size, sampler=order, collate_fn=self.collate_fn,
+                        num_workers=self.tc.num_workers, drop_last=shuffle)
+        return self.accelerator.prepare_data_loader(dl, device_placement=False)
+
+    def _micro_batches(self):
+        """Yields micro-batches forever, epoch after epoch, resuming at the saved position."""
+        while True:
+            dl = self._loader(self.train_ds, self.epoch, shuffle=True)
+            if len(dl) == 0:
+                raise ValueError(
+                    f"training set has {len(self.train_ds)} samples: fewer than one batch of "
+                    f"{self.tc.micro_batch_size} x {self.accelerator.num_processes} processes"
+                )
+            if self.batch_in_epoch:
+                dl = self.accelerator.skip_first_batches(dl, self.batch_in_epoch)
+            for b in dl:
+                self.batch_in_epoch += 1
+                yield b
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+                "micro_batch_size": self.tc.micro_batch_size, "grad_accum": self.tc.grad_accum,
+                "best_val": self.best_val}
+
+    def save(self) -> Path:
+        state = self.accelerator.get_state_dict(self.model) if self.is_deepspeed else None
+        drafter_sd = self._drafter_state(state)
+        return checkpoint.save(self.accelerator, self.out_dir, self.step, drafter_sd, self.optimizer,
+                               self._trainer_state(), self.tc.keep_last,
+                               deepspeed_models=self.model if self.is_deepspeed else None)
+
+    def _drafter_state(self, full=None) -> dict:
+        if full is not None:  # DeepSpeed gathered state of the _LossModule wrapper
+            return {k.removeprefix("drafter."): v for k, v in full.items()}
+        return self.accelerator.unwrap_model(self.model).drafter.state_dict()
+
+    def _maybe_resume(self):
+        if not self.tc.resume:
+            return
+        ckpt = checkpoint.latest(self.out_dir)
+        if ckpt is None:
+            return
+        drafter = self.accelerator.unwrap_model(self.model).drafter
+        st = checkpoint.load(self.accelerator, ckpt, drafter, self.optimizer,
+                             deepspeed_models=self.model if self.is_deepspeed else None)
+        self.step, self.epoch, self.tokens_seen = st["step"], st["epoch"], st["tokens_seen"]
+        self.best_val = st.get("best_val")
+        self.scheduler.load_state_dict(st["scheduler"])
+        # The data position is stored per rank in micro-batches of the saving run; convert it so a
+        # run saved by N processes resumes on M processes at the same sample.
+        old_global = st["batch_in_epoch"] * st.get("num_processes", 1)
+        self.batch_in_epoch = old_global // self.accelerator.num_processes
+        if st["micro_batch_size"] != self.tc.micro_batch_size:
+            raise ValueError(f"{ckpt}: saved with train.micro_batch_size={st['micro_batch_size']}, "
+                             f"now {self.tc.micro_batch_size}; resume needs the same micro-batch size")
+        self.accelerator.print(f"resumed from {ckpt} at step {self.step}")
+
+    def _write_config(self):
+        if self.accelerator.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            cfg_path = self.out_dir / "config.yaml"
+            if cfg_path.exists() and self.tc.resume:
+                old = config_mod.from_dict(__import__("yaml").safe_load(cfg_path.read_text()))
+                if config_mod.to_dict(old.drafter) != config_mod.to_dict(self.cfg.drafter):
+                    raise ValueError(f"{cfg_path}: the drafter config differs from the run being resumed; "
+                                     f"use a new train.output_dir or train.resume=false")
+            config_mod.dump(self.cfg, cfg_path)
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ the loop
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(x.detach().to(self.accelerator.device).float(), reduction="sum")
+
+    def evaluate(self) -> dict:
+        if self.val_ds is None or len(self.val_ds) == 0:
+            return {}
+        self.model.eval()
+        tot = {"loss": torch.zeros((), device=self.accelerator.device)}
+        ntok = torch.zeros((), device=self.accelerator.device)
+        with torch.no_grad():
+            for i, b in enumerate(self._loader(self.val_ds, 0, shuffle=False)):
+                if i >= self.tc.eval_batches:
+                    break
+                b = self._to_device(b)
+                loss, n, metrics = self.model(b, self.target_fn(b))
+                tot["loss"] = tot["loss"] + loss.detach().float()
+                for k, v in metrics.items():
+                    tot[k] = tot.get(k, 0) + torch.as_tensor(v, dtype=torch.float32, device=ntok.device)
+                ntok = ntok + n.to(ntok.device)
+        self.model.train()
+        ntok = self._reduce(ntok).clamp_min(1)
+        return {f"val/{k}": (self._reduce(v) / ntok).item() for k, v in tot.items()}
+
+    def fit(self) -> dict:
+        acc, tc = self.accelerator, self.tc
+        self._write_config()
+        self._maybe_resume()
+        logger = tlog.build(self.out_dir, [t for t in tc.trackers if t not in ("none", "")], tc.wandb_project,
+                            tc.run_name, config_mod.to_dict(self.cfg), acc.is_main_process)
+        batches = self._micro_batches()
+        self.model.train()
+        bar = None
+        if tc.progress and acc.is_local_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=tc.max_steps, initial=self.step, desc=tc.run_name, dynamic_ncols=True)
+        t_start = time.time()
+        window_tokens, window_time, history = 0, 0.0, []
+        last_good = checkpoint.latest(self.out_dir) if self.out_dir.exists() else None
+        while self.step < tc.max_steps:
+            t0 = time.time()
+            micro = [self._to_device(next(batches)) for _ in range(tc.grad_accum)]
+            local = torch.stack([torch.as_tensor(self.count_tokens(b), dtype=torch.float32) for b in micro]).sum()
+            global_tokens = self._reduce(local).clamp_min(1.0)
+            # accelerator.backward divides by grad_accum and DDP averages over ranks, so scale the
+            # per-micro-batch *sum* by both: the step's gradient is d(sum of all losses)/global_tokens.
+            scale = tc.grad_accum * acc.num_processes / global_tokens
+            sums: dict[str, torch.Tensor] = {}
+            gnorm = None
+            for b in micro:
+                with acc.accumulate(self.model):
+                    tout = self.target_fn(b)
+                    loss, _, metrics = self.model(b, tout)
+                    acc.backward(loss * scale)
+                    sums["loss"] = sums.get("loss", 0) + loss.detach().float()
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0) + torch.as_tensor(v, dtype=torch.float32).detach().to(loss.device)
+                    if acc.sync_gradients:
+                        gnorm = acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            step_loss = (self._reduce(sums["loss"]) / global_tokens).item()
+            if not math.isfinite(step_loss):
+                msg = (f"non-finite loss ({step_loss}) at step {self.step + 1}; stopping. The last good "
+                       f"checkpoint is {last_good or 'none (no checkpoint was written yet)'}")
+                logger.log({"event": "nonfinite_loss", "loss": step_loss}, self.step + 1)
+                logger.close()
+                raise NonFiniteLossError(msg)
+            self.scheduler.step()
+            self.step += 1
+            self.tokens_seen += int(global_tokens.item())
+            dt = time.time() - t0
+            window_tokens += int(global_tokens.item())
+            window_time += dt
+            history.append(step_loss)
+            if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                rec = {"loss": step_loss, "lr": self.scheduler.get_last_lr()[0],
+                       "tokens_per_s": window_tokens / max(window_time, 1e-9), "tokens_seen": self.tokens_seen}
+                if gnorm is not None:
+                    rec["grad_norm"] = float(gnorm)
+                for k, v in sums.items():
+                    if k != "loss":
+                        rec[k] = (self._reduce(v) / global_tokens).item()
+                logger.log(rec, self.step)
+                window_tokens, window_time = 0, 0.0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{int(global_tokens.item()) / max(dt, 1e-9):.0f}")
+            out_of_time = tc.max_minutes > 0 and (time.time() - t_start) / 60 >= tc.max_minutes
+            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
+                val = self.evaluate()
+                if val:
+                    logger.log(val, self.step)
+            if (tc.save_every and self.step % tc.save_every == 0) or self.step == tc.max_steps or out_of_time:
+                last_good = self.save()
+            if out_of_time:
+                acc.print(f"train.max_minutes={tc.max_minutes} reached at step {self.step}; checkpoint saved")
+                break
+        val = self.evaluate()
+        if val:
+            logger.log(val, self.step)
+        if bar is not None:
+            bar.close()
+        logger.close()
+        if self.step and (checkpoint.latest(self.out_dir) is None or
+                          checkpoint.latest(self.out_dir).name != f"step_{self.step}"):
+            self.save()
+        return {"step": self.step, "losses": history, "tokens_seen": self.tokens_seen,
+                "seconds": time.time() - t_start, **val}
