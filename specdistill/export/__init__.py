@@ -1,0 +1,61 @@
+"""Export a trained drafter in the formats serving engines load (FORMATS.md is the contract).
+
+`write(drafter, export_cfg, out_root, target) -> {format: path}` builds every requested format,
+checks each against its engine's contract (contracts.py) before anything is written, then writes
+each directory atomically under `<out_root>/<format>/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from specdistill.export import common, contracts, native, sglang, vllm
+from specdistill.export.contracts import ContractError
+from specdistill.export.native import is_native_dir, load_checkpoint
+from specdistill.export.native import load as load_native
+
+__all__ = ["ContractError", "FORMATS", "write", "load_native", "load_checkpoint", "is_native_dir"]
+
+# format name -> (build(drafter, target, dtype) -> (config, tensors), check(config, tensors, n_layers))
+FORMATS = {
+    "native": (native.build, native.check),
+    "sglang": (sglang.build, contracts.check_sglang),
+    "vllm": (vllm.build, contracts.check_vllm),
+}
+
+
+def resolve_formats(drafter, requested) -> list[str]:
+    spec = common.spec_of(drafter)
+    # A family may narrow its formats per instance (EAGLE-1 has no EAGLE-3 engine layout).
+    supported = tuple(getattr(drafter, "export_formats", None) or spec.export_formats)
+    fmts = list(requested) if requested else list(supported)
+    for f in fmts:
+        if f not in FORMATS:
+            raise ValueError(f"export.formats: unknown format {f!r}; known: {sorted(FORMATS)}")
+        if f not in supported:
+            raise ValueError(f"export.formats: drafter {spec.name!r}"
+                             f"{' (' + str(drafter.cfg.variant) + ')' if getattr(drafter.cfg, 'variant', None) else ''}"
+                             f" does not support {f!r}; it supports {list(supported)}")
+    return fmts
+
+
+def write(drafter, export_cfg, out_root: str | Path | None, target) -> dict[str, Path]:
+    """Check then write every format; returns {format: directory}. Raises ContractError on a violation."""
+    root = Path(getattr(export_cfg, "out_dir", "") or out_root or "export")
+    dtype = getattr(export_cfg, "dtype", "bfloat16")
+    fmts = resolve_formats(drafter, getattr(export_cfg, "formats", None))
+    built = {}
+    for f in fmts:
+        build, check = FORMATS[f]
+        cfg, tensors = build(drafter, target, dtype)
+        check(cfg, tensors, target.num_layers)
+        built[f] = (cfg, tensors)
+    out = {}
+    for f, (cfg, tensors) in built.items():
+        meta = common.metadata(drafter, target, f, dtype)
+        out[f] = common.write_dir(root / f, {
+            "config.json": common.json_writer(cfg),
+            "model.safetensors": common.safetensors_writer(tensors),
+            "specdistill_export.json": common.json_writer(meta),
+        })
+    return out

@@ -1,0 +1,214 @@
+"""What each serving engine's loader requires of an EAGLE-3 export (FORMATS.md 1.1 and 1.2).
+
+Every writer calls the matching `check_*` before a byte reaches disk. The most common failures in
+the field are silent (a missing `d2t`, a layer-id off by one, a missing `norm_before_residual`
+read differently by two engines), so each check raises a ContractError naming the key instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ContractError(ValueError):
+    """An export would not load (or would load wrongly) in the engine; the message names the key."""
+
+
+def _need(cfg: dict, key: str, where: str, types=None):
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ContractError(f"{where}: config key {key!r} is required and missing")
+        node = node[part]
+    if types is not None and (not isinstance(node, types) or (isinstance(node, bool) and bool not in _tuple(types))):
+        raise ContractError(f"{where}: config key {key!r} must be {_names(types)}, got {node!r}")
+    return node
+
+
+def _tuple(t):
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _names(t):
+    return " or ".join(x.__name__ for x in _tuple(t))
+
+
+def _eq(cfg: dict, key: str, want, where: str):
+    got = _need(cfg, key, where)
+    if got != want:
+        raise ContractError(f"{where}: config key {key!r} must be {want!r}, got {got!r}")
+    return got
+
+
+def check_layer_ids(ids, num_target_layers: int, where: str, key: str, count: int = 3) -> list[int]:
+    """Aux ids: `count` distinct ints, each a capture-before-layer id 0 <= i < N (targets.py convention)."""
+    if not isinstance(ids, (list, tuple)) or not ids:
+        raise ContractError(f"{where}: {key!r} must be an explicit non-empty list of layer ids, got {ids!r}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ContractError(f"{where}: {key!r} must hold integers, got {ids!r}")
+    if len(set(ids)) != len(ids):
+        raise ContractError(f"{where}: {key!r} has duplicate layer ids {list(ids)}")
+    bad = [i for i in ids if not 0 <= i < num_target_layers]
+    if bad:
+        raise ContractError(f"{where}: {key!r} ids {bad} out of range: engines capture the state entering "
+                            f"layer i, so ids must be in 0..{num_target_layers - 1} for a {num_target_layers}-layer target")
+    if count and len(ids) != count:
+        raise ContractError(f"{where}: {key!r} must name {count} layers (fc input is {count} x target hidden), got {list(ids)}")
+    return list(ids)
+
+
+def _shape(tensors: dict, name: str, shape: tuple, where: str, dtype=None):
+    if name not in tensors:
+        raise ContractError(f"{where}: tensor {name!r} is required and missing")
+    t = tensors[name]
+    if tuple(t.shape) != tuple(shape):
+        raise ContractError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, the engine expects {tuple(shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ContractError(f"{where}: tensor {name!r} must be {dtype}, got {t.dtype}")
+    return t
+
+
+def check_vocab_maps(tensors: dict, vd: int, v: int, where: str) -> None:
+    d2t = _shape(tensors, "d2t", (vd,), where, torch.int64)
+    t2d = _shape(tensors, "t2d", (v,), where, torch.bool)
+    tid = torch.arange(vd, dtype=torch.int64) + d2t
+    if vd and (int(tid.min()) < 0 or int(tid.max()) >= v):
+        raise ContractError(f"{where}: tensor 'd2t' maps draft ids to target ids outside 0..{v - 1}")
+    if vd > 1 and not bool((tid[1:] > tid[:-1]).all()):
+        raise ContractError(f"{where}: tensor 'd2t' must map draft ids to strictly increasing target ids")
+    if int(t2d.sum()) != vd:
+        raise ContractError(f"{where}: tensor 't2d' has {int(t2d.sum())} True entries, draft_vocab_size is {vd}")
+    if not bool(t2d[tid].all()):
+        raise ContractError(f"{where}: tensors 'd2t' and 't2d' disagree (a draft token's target id is False in t2d)")
+
+
+def check_decoder_layer(tensors: dict, prefix: str, d: dict, where: str) -> None:
+    """One EAGLE-3 decoder layer: attention reads concat(norm(embed), norm(hidden)), i.e. 2H inputs."""
+    h, i = d["hidden_size"], d["intermediate_size"]
+    q, kv = d["num_attention_heads"] * d["head_dim"], d["num_key_value_heads"] * d["head_dim"]
+    _shape(tensors, f"{prefix}self_attn.q_proj.weight", (q, 2 * h), where)
+    _shape(tensors, f"{prefix}self_attn.k_proj.weight", (kv, 2 * h), where)
+    _shape(tensors, f"{prefix}self_attn.v_proj.weight", (kv, 2 * h), where)
+    _shape(tensors, f"{prefix}self_attn.o_proj.weight", (h, q), where)
+    _shape(tensors, f"{prefix}mlp.gate_proj.weight", (i, h), where)
+    _shape(tensors, f"{prefix}mlp.up_proj.weight", (i, h), where)
+    _shape(tensors, f"{prefix}mlp.down_proj.weight", (h, i), where)
+    for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm"):
+        _shape(tensors, f"{prefix}{n}.weight", (h,), where)
+
+
+def _layer_names(prefix: str) -> set[str]:
+    return {f"{prefix}self_attn.{p}_proj.weight" for p in "qkvo"} | {
+        f"{prefix}mlp.{p}_proj.weight" for p in ("gate", "up", "down")} | {
+        f"{prefix}{n}.weight" for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm")}
+
+
+def _check_eagle3_tensors(tensors: dict, d: dict, prefix: str, maps: bool, where: str) -> None:
+    h, ht, vd, v = d["hidden_size"], d["target_hidden_size"], d["draft_vocab_size"], d["vocab_size"]
+    if "embed_tokens.weight" in tensors:
+        raise ContractError(f"{where}: tensor 'embed_tokens.weight' must be omitted (the engine shares the target's embedding)")
+    other = "layers.0." if prefix == "midlayer." else "midlayer."
+    stray = sorted(k for k in tensors if k.startswith(other))
+    if stray:
+        raise ContractError(f"{where}: tensor {stray[0]!r} uses the wrong prefix; this format stores the layer as {prefix}*")
+    check_decoder_layer(tensors, prefix, d, where)
+    _shape(tensors, "fc.weight", (h, 3 * ht), where)
+    _shape(tensors, "norm.weight", (h,), where)
+    _shape(tensors, "lm_head.weight", (vd, h), where)
+    expected = _layer_names(prefix) | {"fc.weight", "norm.weight", "lm_head.weight"}
+    if maps:
+        check_vocab_maps(tensors, vd, v, where)
+        expected |= {"d2t", "t2d"}
+    unknown = sorted(set(tensors) - expected)
+    if unknown:
+        raise ContractError(f"{where}: tensor {unknown[0]!r} is not part of this format (the engine would ignore or reject it)")
+
+
+def _check_llama_keys(cfg: dict, where: str, prefix: str = "") -> None:
+    for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "max_position_embeddings", "vocab_size"):
+        v = _need(cfg, prefix + k, where, int)
+        if v <= 0:
+            raise ContractError(f"{where}: config key {prefix + k!r} must be > 0, got {v}")
+    _need(cfg, prefix + "rms_norm_eps", where, (float, int))
+    _need(cfg, prefix + "rope_theta", where, (float, int))
+    _eq(cfg, prefix + "hidden_act", "silu", where)
+    _eq(cfg, prefix + "model_type", "llama", where)
+    _eq(cfg, prefix + "num_hidden_layers", 1, where)
+
+
+def _dims_from(cfg: dict, layer: dict) -> dict:
+    return {k: layer[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                  "num_key_value_heads", "head_dim", "vocab_size")} | {
+        "draft_vocab_size": cfg["draft_vocab_size"], "target_hidden_size": cfg["target_hidden_size"]}
+
+
+def check_sglang(cfg: dict, tensors: dict, num_target_layers: int) -> None:
+    """SGLang `LlamaForCausalLMEagle3` (also what vLLM's `method: eagle3` reads from a directory)."""
+    where = "sglang export"
+    _eq(cfg, "architectures", ["LlamaForCausalLMEagle3"], where)
+    _check_llama_keys(cfg, where)
+    _eq(cfg, "tie_word_embeddings", False, where)
+    _need(cfg, "torch_dtype", where, str)
+    vd = _need(cfg, "draft_vocab_size", where, int)
+    if not 0 < vd <= cfg["vocab_size"]:
+        raise ContractError(f"{where}: config key 'draft_vocab_size' ({vd}) must be in 1..vocab_size ({cfg['vocab_size']})")
+    _need(cfg, "target_hidden_size", where, int)
+    _eq(cfg, "eagle_config.use_aux_hidden_state", True, where)
+    ids = _need(cfg, "eagle_config.eagle_aux_hidden_state_layer_ids", where)
+    check_layer_ids(ids, num_target_layers, where, "eagle_config.eagle_aux_hidden_state_layer_ids")
+    # SGLang's Eagle3 layer always keeps the un-normed hidden state as the residual.
+    if _need(cfg, "norm_before_residual", where, bool):
+        raise ContractError(f"{where}: config key 'norm_before_residual' is true, which SGLang's "
+                            "LlamaForCausalLMEagle3 cannot express; export this drafter for vLLM only")
+    _check_eagle3_tensors(tensors, _dims_from(cfg, cfg), "midlayer.", True, where)
+
+
+def check_vllm(cfg: dict, tensors: dict, num_target_layers: int) -> None:
+    """vLLM speculators format (`speculators_model_type: eagle3`), as checked against speculators 0.9.0."""
+    where = "vllm export"
+    _eq(cfg, "architectures", ["Eagle3Speculator"], where)
+    _eq(cfg, "speculators_model_type", "eagle3", where)
+    _eq(cfg, "speculators_config.algorithm", "eagle3", where)
+    methods = _need(cfg, "speculators_config.proposal_methods", where, list)
+    if not methods:
+        raise ContractError(f"{where}: config key 'speculators_config.proposal_methods' must not be empty")
+    for n, m in enumerate(methods):
+        mw = f"{where}: speculators_config.proposal_methods[{n}]"
+        _eq(m, "proposal_type", "greedy", mw)
+        st = _need(m, "speculative_tokens", mw, int)
+        if st < 1:
+            raise ContractError(f"{mw}: 'speculative_tokens' must be >= 1, got {st}")
+        _need(m, "verifier_accept_k", mw, int)
+        _need(m, "accept_tolerance", mw, (float, int))
+    default = _need(cfg, "speculators_config.default_proposal_method", where, str)
+    if default not in {m["proposal_type"] for m in methods}:
+        raise ContractError(f"{where}: 'speculators_config.default_proposal_method' ({default!r}) names no proposal method")
+    name = _need(cfg, "speculators_config.verifier.name_or_path", where, str)
+    if not name:
+        raise ContractError(f"{where}: 'speculators_config.verifier.name_or_path' is empty; vLLM loads the target from it")
+    archs = _need(cfg, "speculators_config.verifier.architectures", where, list)
+    if not archs:
+        raise ContractError(f"{where}: 'speculators_config.verifier.architectures' must not be empty")
+    layer = _need(cfg, "transformer_layer_config", where, dict)
+    _check_llama_keys(cfg, where, "transformer_layer_config.")
+    # speculators reads a missing key as false and vLLM as true: it must be explicit.
+    _need(cfg, "norm_before_residual", where, bool)
+    vd = _need(cfg, "draft_vocab_size", where, int)
+    v = layer["vocab_size"]
+    if not 0 < vd <= v:
+        raise ContractError(f"{where}: config key 'draft_vocab_size' ({vd}) must be in 1..vocab_size ({v})")
+    _need(cfg, "target_hidden_size", where, int)
+    ids = _need(cfg, "eagle_aux_hidden_state_layer_ids", where)
+    check_layer_ids(ids, num_target_layers, where, "eagle_aux_hidden_state_layer_ids")
+    pruned = vd < v
+    if pruned and ("d2t" not in tensors or "t2d" not in tensors):
+        missing = "d2t" if "d2t" not in tensors else "t2d"
+        raise ContractError(f"{where}: tensor {missing!r} is required when the draft vocabulary is pruned "
+                            f"({vd} < {v}); without it vLLM maps draft ids to the first {vd} target ids")
+    if not pruned and ("d2t" in tensors or "t2d" in tensors):
+        raise ContractError(f"{where}: tensors 'd2t'/'t2d' must be absent with a full draft vocabulary")
+    _check_eagle3_tensors(tensors, _dims_from(cfg, layer), "layers.0.", pruned, where)
+
+
+CHECKS = {"sglang": check_sglang, "vllm": check_vllm}

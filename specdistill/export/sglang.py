@@ -1,0 +1,73 @@
+"""SGLang EAGLE-3 draft layout (`LlamaForCausalLMEagle3`, FORMATS.md 1.1).
+
+Serve with: `python -m sglang.launch_server --model <target> --speculative-algorithm EAGLE3
+--speculative-draft-model-path <dir> --speculative-num-steps 3 --speculative-eagle-topk 1
+--speculative-num-draft-tokens 4`. vLLM reads the same directory with
+`--speculative-config '{"method": "eagle3", "model": "<dir>", "num_speculative_tokens": 3}'`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import transformers
+
+from specdistill.export import common, contracts
+
+FORMAT = "sglang"
+
+
+def build(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
+    """(config.json dict, tensors) of the SGLang layout; not yet checked."""
+    sd = drafter.export_state_dict()
+    tensors = common.cast({k: v for k, v in sd.items() if not k.startswith("embed_tokens.")},
+                          common.torch_dtype(dtype))
+    d = common.eagle_dims(drafter, target, tensors)
+    cfg = {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "model_type": "llama",
+        "bos_token_id": d["bos_token_id"],
+        "eos_token_id": d["eos_token_id"],
+        "pad_token_id": d["pad_token_id"],
+        "hidden_act": d["hidden_act"],
+        "hidden_size": d["hidden_size"],
+        "initializer_range": d["initializer_range"],
+        "intermediate_size": d["intermediate_size"],
+        "max_position_embeddings": d["max_position_embeddings"],
+        "num_attention_heads": d["num_attention_heads"],
+        "num_key_value_heads": d["num_key_value_heads"],
+        "head_dim": d["head_dim"],
+        "num_hidden_layers": 1,
+        "rms_norm_eps": d["rms_norm_eps"],
+        "rope_theta": d["rope_theta"],
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+        "transformers_version": transformers.__version__,
+        "use_cache": True,
+        "vocab_size": d["vocab_size"],
+        "draft_vocab_size": d["draft_vocab_size"],
+        "target_hidden_size": d["target_hidden_size"],
+        # vLLM-only key, written so vLLM never falls back to a default that differs from SGLang.
+        "norm_before_residual": d["norm_before_residual"],
+        "eagle_config": {
+            "eagle_aux_hidden_state_layer_ids": d["layer_ids"],
+            "use_aux_hidden_state": True,
+        },
+    }
+    return cfg, tensors
+
+
+def write(drafter, target, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
+    cfg, tensors = build(drafter, target, dtype)
+    contracts.check_sglang(cfg, tensors, target.num_layers)
+    meta = common.metadata(drafter, target, FORMAT, dtype)
+    return common.write_dir(Path(out_dir), {
+        "config.json": common.json_writer(cfg),
+        "model.safetensors": common.safetensors_writer(tensors),
+        "specdistill_export.json": common.json_writer(meta),
+    })

@@ -1,0 +1,93 @@
+"""vLLM speculators format (`Eagle3Speculator`, FORMATS.md 1.2): `vllm serve <dir>` auto-detects it.
+
+Decoder weights are stored as `layers.0.*` (speculators 0.9.0 loads `midlayer.*` keys as random
+layers with only a warning); `d2t`/`t2d` only when the draft vocabulary is pruned; every key whose
+default differs between speculators and vLLM (`norm_before_residual`) is written explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import transformers
+
+from specdistill.export import common, contracts
+
+FORMAT = "vllm"
+SPECULATORS_VERSION = "0.9.0"
+
+
+def build(drafter, target, dtype: str = "bfloat16", speculative_tokens: int = 3) -> tuple[dict, dict]:
+    sd = drafter.export_state_dict()
+    raw = {}
+    for k, v in sd.items():
+        if k.startswith("embed_tokens."):
+            continue
+        raw["layers.0." + k[len("midlayer."):] if k.startswith("midlayer.") else k] = v
+    tensors = common.cast(raw, common.torch_dtype(dtype))
+    d = common.eagle_dims(drafter, target, tensors)
+    if d["draft_vocab_size"] >= d["vocab_size"]:
+        tensors.pop("d2t", None)
+        tensors.pop("t2d", None)
+    layer = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "head_dim": d["head_dim"],
+        "hidden_act": d["hidden_act"],
+        "hidden_size": d["hidden_size"],
+        "initializer_range": d["initializer_range"],
+        "intermediate_size": d["intermediate_size"],
+        "max_position_embeddings": d["max_position_embeddings"],
+        "mlp_bias": False,
+        "num_attention_heads": d["num_attention_heads"],
+        "num_hidden_layers": 1,
+        "num_key_value_heads": d["num_key_value_heads"],
+        "pretraining_tp": 1,
+        "rms_norm_eps": d["rms_norm_eps"],
+        "rope_scaling": None,
+        "rope_theta": d["rope_theta"],
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "vocab_size": d["vocab_size"],
+    }
+    cfg = {
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "speculators_version": SPECULATORS_VERSION,
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "proposal_methods": [{
+                "proposal_type": "greedy",
+                "speculative_tokens": int(speculative_tokens),
+                "verifier_accept_k": 1,
+                "accept_tolerance": 0.0,
+            }],
+            "default_proposal_method": "greedy",
+            "verifier": {
+                "name_or_path": common.target_name(target),
+                "architectures": list(getattr(target.config, "architectures", None) or ["LlamaForCausalLM"]),
+            },
+        },
+        "draft_vocab_size": d["draft_vocab_size"],
+        "target_hidden_size": d["target_hidden_size"],
+        "eagle_aux_hidden_state_layer_ids": d["layer_ids"],
+        "norm_before_residual": d["norm_before_residual"],
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+        "transformers_version": transformers.__version__,
+        "transformer_layer_config": layer,
+    }
+    return cfg, tensors
+
+
+def write(drafter, target, out_dir: str | Path, dtype: str = "bfloat16", speculative_tokens: int = 3) -> Path:
+    cfg, tensors = build(drafter, target, dtype, speculative_tokens)
+    contracts.check_vllm(cfg, tensors, target.num_layers)
+    meta = common.metadata(drafter, target, FORMAT, dtype)
+    return common.write_dir(Path(out_dir), {
+        "config.json": common.json_writer(cfg),
+        "model.safetensors": common.safetensors_writer(tensors),
+        "specdistill_export.json": common.json_writer(meta),
+    })

@@ -1,0 +1,298 @@
+"""Exports: contract checks per engine, bit-identical reload, violations caught by name."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from specdistill import drafters
+from specdistill import export as ex
+from specdistill.config import ExportConfig
+from specdistill.data.vocab import vocab_map_from_counts
+from specdistill.drafters.base import DrafterSpec
+from specdistill.export import contracts, sglang, vllm
+from specdistill.export.contracts import ContractError
+
+STANDIN = "_standin_eagle3"
+
+
+@dataclass
+class StandinConfig:
+    """Stand-in with the field names the EAGLE family uses, so export code is exercised without it."""
+
+    name: str = STANDIN
+    variant: str = "eagle3"
+    layer_ids: list[int] = field(default_factory=lambda: [0, 1, 1])
+    draft_vocab_size: int = 32
+    norm_before_residual: bool = False
+    seed: int = 0
+
+
+class _Attn(nn.Module):
+    def __init__(self, h, heads, kv, hd):
+        super().__init__()
+        self.q_proj = nn.Linear(2 * h, heads * hd, bias=False)
+        self.k_proj = nn.Linear(2 * h, kv * hd, bias=False)
+        self.v_proj = nn.Linear(2 * h, kv * hd, bias=False)
+        self.o_proj = nn.Linear(heads * hd, h, bias=False)
+
+
+class _MLP(nn.Module):
+    def __init__(self, h, i):
+        super().__init__()
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+
+class _Layer(nn.Module):
+    def __init__(self, h, i, heads, kv, hd):
+        super().__init__()
+        self.self_attn = _Attn(h, heads, kv, hd)
+        self.mlp = _MLP(h, i)
+        self.input_layernorm = nn.RMSNorm(h)
+        self.hidden_norm = nn.RMSNorm(h)
+        self.post_attention_layernorm = nn.RMSNorm(h)
+
+
+class StandinEagle3(nn.Module):
+    """Tensor names and shapes of FORMATS.md 1.1; a toy forward so reload can be compared on outputs."""
+
+    def __init__(self, cfg, target):
+        super().__init__()
+        torch.manual_seed(cfg.seed)
+        c = target.config
+        h, v = c.hidden_size, target.vocab_size
+        hd = h // c.num_attention_heads
+        self.cfg = cfg
+        self.fc = nn.Linear(3 * h, h, bias=False)
+        self.midlayer = _Layer(h, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, hd)
+        self.norm = nn.RMSNorm(h)
+        self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
+        counts = torch.arange(v, 0, -1) * (torch.arange(v) % 3 != 0)
+        d2t, t2d = vocab_map_from_counts(counts, cfg.draft_vocab_size)
+        self.register_buffer("d2t", d2t)
+        self.register_buffer("t2d", t2d)
+        self.embed = target.embed_tokens  # shared with the target: must not be exported
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.data_ptr() != target.embed_tokens.weight.data_ptr():
+                    p.add_(torch.randn_like(p) * 0.05)
+
+    def forward(self, ids, feats):
+        x = self.fc(feats) + self.embed(ids)
+        x = x + self.midlayer.mlp.down_proj(torch.nn.functional.silu(self.midlayer.mlp.gate_proj(x)))
+        return self.lm_head(self.norm(x))
+
+    def export_state_dict(self):
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("embed.")}
+
+
+@pytest.fixture
+def standin_spec():
+    spec = DrafterSpec(name=STANDIN, config_cls=StandinConfig, build=StandinEagle3,
+                       target_layers=lambda cfg, tc: list(cfg.layer_ids),
+                       export_formats=("native", "sglang", "vllm"), paper="test stand-in")
+    drafters.register(spec)
+    yield spec
+    drafters.REGISTRY.pop(STANDIN, None)
+
+
+def _reload_equal(path, tensors):
+    back = load_file(str(path / "model.safetensors"))
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype, k
+        assert torch.equal(back[k], v), k
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_write_all_formats_reload_bit_identical(tmp_path, d4, target4, dtype):
+    out = ex.write(d4, ExportConfig(dtype=dtype), tmp_path, target4)
+    assert set(out) == {"native", "sglang", "vllm"}
+    for fmt, path in out.items():
+        assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "specdistill_export.json"]
+        build = {"native": ex.native.build, "sglang": sglang.build, "vllm": vllm.build}[fmt]
+        cfg, tensors = build(d4, target4, dtype)
+        assert json.loads((path / "config.json").read_text()) == json.loads(json.dumps(cfg))
+        _reload_equal(path, tensors)
+        meta = json.loads((path / "specdistill_export.json").read_text())
+        assert meta["family"] == STANDIN and meta["variant"] == "eagle3" and meta["target"] == "tiny-llama-4"
+        assert meta["format"] == fmt and meta["layer_ids"] == [1, 2, 3] and meta["dtype"] == dtype
+        assert "capture-before-layer" in meta["layer_convention"] and meta["created_at"]
+    assert not list(tmp_path.glob(".*tmp*")), "temp dirs left behind"
+
+
+def test_layer_id_violations_write_nothing(tmp_path, d4, target4):
+    d4.cfg.layer_ids = [1, 3, 3]
+    with pytest.raises(ContractError, match="duplicate"):
+        sglang.write(d4, target4, tmp_path / "s")
+    assert not (tmp_path / "s").exists(), "a violating export must not leave a directory"
+    d4.cfg.layer_ids = [1, 2]
+    with pytest.raises(ContractError, match="3 layers"):
+        vllm.write(d4, target4, tmp_path / "v")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def target4():
+    from conftest import make_llama, make_tokenizer
+
+    from specdistill.targets import TargetModel
+
+    return TargetModel(make_llama(layers=4), make_tokenizer(), name="tiny-llama-4")
+
+
+@pytest.fixture
+def d4(standin_spec, target4):
+    return drafters.build(StandinConfig(layer_ids=[1, 2, 3]), target4)
+
+
+def test_engine_configs(tmp_path, d4, target4):
+    out = ex.write(d4, ExportConfig(formats=["sglang", "vllm"]), tmp_path, target4)
+    s = json.loads((out["sglang"] / "config.json").read_text())
+    assert s["architectures"] == ["LlamaForCausalLMEagle3"] and s["tie_word_embeddings"] is False
+    assert s["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": [1, 2, 3], "use_aux_hidden_state": True}
+    assert s["draft_vocab_size"] == 32 and s["vocab_size"] == 128 and s["target_hidden_size"] == 64
+    st = load_file(str(out["sglang"] / "model.safetensors"))
+    assert st["fc.weight"].shape == (64, 192) and st["midlayer.self_attn.q_proj.weight"].shape[1] == 128
+    assert "embed_tokens.weight" not in st and st["lm_head.weight"].shape == (32, 64)
+    assert st["d2t"].dtype == torch.int64 and st["t2d"].dtype == torch.bool and int(st["t2d"].sum()) == 32
+    v = json.loads((out["vllm"] / "config.json").read_text())
+    assert v["speculators_model_type"] == "eagle3" and v["norm_before_residual"] is False
+    assert v["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    assert v["transformer_layer_config"]["model_type"] == "llama"
+    pm = v["speculators_config"]["proposal_methods"][0]
+    assert pm["proposal_type"] == "greedy" and pm["speculative_tokens"] >= 1
+    assert v["speculators_config"]["verifier"]["name_or_path"] == "tiny-llama-4"
+    vt = load_file(str(out["vllm"] / "model.safetensors"))
+    assert "layers.0.hidden_norm.weight" in vt and not any(k.startswith("midlayer.") for k in vt)
+    assert torch.equal(vt["layers.0.mlp.up_proj.weight"], st["midlayer.mlp.up_proj.weight"])
+    assert "d2t" in vt and "t2d" in vt
+
+
+def test_vllm_full_vocab_drops_maps(standin_spec, target4):
+    d = drafters.build(StandinConfig(layer_ids=[1, 2, 3], draft_vocab_size=128), target4)
+    cfg, tensors = vllm.build(d, target4)
+    contracts.check_vllm(cfg, tensors, 4)
+    assert "d2t" not in tensors and "t2d" not in tensors
+    tensors["d2t"] = torch.zeros(128, dtype=torch.int64)
+    with pytest.raises(ContractError, match="absent"):
+        contracts.check_vllm(cfg, tensors, 4)
+
+
+def test_native_reload_same_outputs(tmp_path, d4, target4):
+    out = ex.write(d4, ExportConfig(formats=["native"], dtype="float32"), tmp_path, target4)
+    back = ex.load_native(out["native"], target4)
+    assert type(back) is type(d4) and back.cfg == d4.cfg
+    for k, v in d4.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    ids = torch.randint(0, 128, (2, 5))
+    feats = torch.randn(2, 5, 192)
+    assert torch.equal(back(ids, feats), d4(ids, feats))
+    assert "embed.weight" not in load_file(str(out["native"] / "model.safetensors"))
+    assert ex.is_native_dir(out["native"])
+
+
+def test_native_rejects_other_target(tmp_path, d4, target4, tiny_target):
+    out = ex.write(d4, ExportConfig(formats=["native"]), tmp_path, target4)
+    with pytest.raises(ValueError, match="target_num_layers"):
+        ex.load_native(out["native"], tiny_target)
+
+
+def _vio(fmt, d4, target4, mutate):
+    build = sglang.build if fmt == "sglang" else vllm.build
+    cfg, tensors = build(d4, target4)
+    mutate(cfg, tensors)
+    contracts.CHECKS[fmt](cfg, tensors, target4.num_layers)
+
+
+@pytest.mark.parametrize("fmt", ["sglang", "vllm"])
+@pytest.mark.parametrize("case,match", [
+    ("no_d2t", "'d2t'"),
+    ("no_t2d", "'t2d'"),
+    ("bad_fc", "'fc.weight'"),
+    ("no_ids", "eagle_aux_hidden_state_layer_ids"),
+    ("dup_ids", "duplicate"),
+    ("range_ids", "out of range"),
+    ("bad_d2t", "d2t"),
+    ("embed", "embed_tokens"),
+    ("q_in", "q_proj"),
+    ("lm_head", "lm_head"),
+])
+def test_violations_caught(fmt, case, match, d4, target4):
+    ids_key = "eagle_aux_hidden_state_layer_ids"
+
+    def ids_node(cfg):
+        return cfg["eagle_config"] if fmt == "sglang" else cfg
+
+    def layer(name):
+        return ("midlayer." if fmt == "sglang" else "layers.0.") + name
+
+    def mutate(cfg, t):
+        if case == "no_d2t":
+            t.pop("d2t")
+        elif case == "no_t2d":
+            t.pop("t2d")
+        elif case == "bad_fc":
+            t["fc.weight"] = torch.zeros(64, 128)
+        elif case == "no_ids":
+            del ids_node(cfg)[ids_key]
+        elif case == "dup_ids":
+            ids_node(cfg)[ids_key] = [1, 1, 3]
+        elif case == "range_ids":
+            ids_node(cfg)[ids_key] = [1, 2, 4]
+        elif case == "bad_d2t":
+            t["d2t"] = t["d2t"].flip(0)
+        elif case == "embed":
+            t["embed_tokens.weight"] = torch.zeros(128, 64)
+        elif case == "q_in":
+            t[layer("self_attn.q_proj.weight")] = torch.zeros(64, 64)
+        elif case == "lm_head":
+            t["lm_head.weight"] = torch.zeros(128, 64)
+
+    with pytest.raises(ContractError, match=match):
+        _vio(fmt, d4, target4, mutate)
+
+
+def test_vllm_norm_before_residual_must_be_explicit(d4, target4):
+    with pytest.raises(ContractError, match="norm_before_residual"):
+        _vio("vllm", d4, target4, lambda c, t: c.pop("norm_before_residual"))
+    with pytest.raises(ContractError, match="model_type"):
+        _vio("vllm", d4, target4, lambda c, t: c["transformer_layer_config"].pop("model_type"))
+    with pytest.raises(ContractError, match="name_or_path"):
+        _vio("vllm", d4, target4, lambda c, t: c["speculators_config"]["verifier"].update(name_or_path=""))
+    with pytest.raises(ContractError, match="wrong prefix"):
+        _vio("vllm", d4, target4, lambda c, t: t.update({"midlayer.norm.weight": torch.zeros(64)}))
+
+
+def test_sglang_rejects_norm_before_residual(standin_spec, target4):
+    d = drafters.build(StandinConfig(layer_ids=[1, 2, 3], norm_before_residual=True), target4)
+    with pytest.raises(ContractError, match="norm_before_residual"):
+        sglang.write(d, target4, "unused")
+    cfg, tensors = vllm.build(d, target4)
+    contracts.check_vllm(cfg, tensors, 4)
+    assert cfg["norm_before_residual"] is True
+
+
+def test_violation_writes_nothing_and_keeps_old_export(tmp_path, d4, target4):
+    ex.write(d4, ExportConfig(formats=["sglang"]), tmp_path, target4)
+    before = (tmp_path / "sglang" / "model.safetensors").read_bytes()
+    d4.cfg.layer_ids = [1, 2, 9]
+    with pytest.raises(ContractError):
+        ex.write(d4, ExportConfig(formats=["native", "sglang"]), tmp_path, target4)
+    assert not (tmp_path / "native").exists()
+    assert (tmp_path / "sglang" / "model.safetensors").read_bytes() == before
+
+
+def test_unknown_or_unsupported_format(tmp_path, d4, target4):
+    with pytest.raises(ValueError, match="unknown format"):
+        ex.write(d4, ExportConfig(formats=["onnx"]), tmp_path, target4)
+    d4.export_formats = ("native",)
+    with pytest.raises(ValueError, match="does not support 'vllm'"):
+        ex.write(d4, ExportConfig(formats=["vllm"]), tmp_path, target4)
