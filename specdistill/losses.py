@@ -1,0 +1,137 @@
+"""Shared losses: pure functions of tensors, one row per token (DESIGN.md "losses.py").
+
+Every function returns per-row losses reduced by `reduction` ("none" -> (N,), "sum", "mean"). The
+drafters pass "sum" because `LossOutput.loss` is a sum the Trainer normalises by the global token
+count. Inputs are cast to float32 before any softmax so bf16 autocast does not lose the tails.
+
+Conventions: `student` / `teacher` are logits (N, V) unless the name says `logp` or `probs`; the
+teacher is never differentiated through (callers pass detached tensors; we detach again to be sure).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_REDUCTIONS = ("none", "sum", "mean")
+
+
+def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return x
+    if reduction == "sum":
+        return x.sum()
+    if reduction == "mean":
+        return x.mean() if x.numel() else x.sum()
+    raise ValueError(f"reduction ({reduction!r}) must be one of {_REDUCTIONS}")
+
+
+def _logp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def cross_entropy(student: torch.Tensor, labels: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Hard-label cross-entropy -log q(y), (N, V) logits and (N,) labels; rows with label -100 count 0."""
+    per = F.cross_entropy(student.float(), labels, ignore_index=-100, reduction="none")
+    return _reduce(per, reduction)
+
+
+def soft_cross_entropy(student: torch.Tensor, teacher_logp: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """-sum_v p(v) log q(v) with p = exp(teacher_logp): the EAGLE token loss.
+
+    EAGLE (Li et al. 2024, arXiv 2401.15077) eq. (2) writes L_cls = CrossEntropy(p_{j+2}, p^_{j+2}),
+    with p the target's distribution (not its sampled token). Its gradient equals forward KL's.
+    """
+    p = teacher_logp.detach().float().exp()
+    return _reduce(-(p * _logp(student)).sum(-1), reduction)
+
+
+def forward_kl(student: torch.Tensor, teacher_logp: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """KL(p || q) = sum_v p (log p - log q); p = teacher, q = student (mode-covering).
+
+    The EAGLE-3 token loss (arXiv 2503.01840, Sec. 3.2: the draft is trained to match the target's
+    distribution at every training-time-test step) and DistillSpec's FKL (arXiv 2310.08461, Table 1).
+    Zero iff q == p; differs from `soft_cross_entropy` by the teacher entropy only.
+    """
+    lp = teacher_logp.detach().float()
+    p = lp.exp()
+    # 0 * log 0 = 0: rows of a renormalised teacher can hold exact zeros (-inf log-probs).
+    per = torch.where(p > 0, p * (lp - _logp(student)), torch.zeros_like(p)).sum(-1)
+    return _reduce(per, reduction)
+
+
+def reverse_kl(student: torch.Tensor, teacher_logp: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """KL(q || p) = sum_v q (log q - log p) (mode-seeking); DistillSpec (arXiv 2310.08461) RKL."""
+    lq = _logp(student)
+    q = lq.exp()
+    lp = teacher_logp.detach().float()
+    per = torch.where(q > 0, q * (lq - lp), torch.zeros_like(q)).sum(-1)
+    return _reduce(per, reduction)
+
+
+def jsd(student: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.5, reduction: str = "sum") -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence JSD(beta) (GKD, Agarwal et al. 2024, arXiv 2306.13649, eq. 3).
+
+    m = beta * p + (1 - beta) * q;  JSD = beta * KL(p || m) + (1 - beta) * KL(q || m).
+    beta = 0.5 is the symmetric JSD; the limits beta -> 0 / 1 approach scaled forward / reverse KL.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta ({beta}) must be in [0, 1]")
+    lq = _logp(student)
+    lp = teacher_logp.detach().float()
+    if beta == 0.0 or beta == 1.0:
+        return _reduce(torch.zeros(lq.shape[:-1], dtype=lq.dtype, device=lq.device) + 0 * lq.sum(-1), reduction)
+    lm = torch.logsumexp(torch.stack([lp + torch.log(torch.tensor(beta)), lq + torch.log(torch.tensor(1 - beta))]), 0)
+    p, q = lp.exp(), lq.exp()
+    kl_pm = torch.where(p > 0, p * (lp - lm), torch.zeros_like(p)).sum(-1)
+    kl_qm = torch.where(q > 0, q * (lq - lm), torch.zeros_like(q)).sum(-1)
+    return _reduce(beta * kl_pm + (1 - beta) * kl_qm, reduction)
+
+
+def tvd(student: torch.Tensor, teacher_logp: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Total variation distance 0.5 * sum_v |p - q|; DistillSpec (arXiv 2310.08461) TVD.
+
+    1 - TVD(p, q) is the expected acceptance rate of one speculative-sampling step (Leviathan et al.
+    2023, arXiv 2211.17192, Sec. 3.1), which is why DistillSpec trains on it directly.
+    """
+    q = _logp(student).exp()
+    p = teacher_logp.detach().float().exp()
+    return _reduce(0.5 * (p - q).abs().sum(-1), reduction)
+
+
+def topk_kd(student: torch.Tensor, teacher_logp: torch.Tensor, k: int, reduction: str = "sum") -> torch.Tensor:
+    """Top-K distillation: -sum_{v in topK(p)} p(v) log q(v).
+
+    HASS "harmonized objective distillation" (Zhang et al. 2024, arXiv 2408.15766, Sec. 3.1, eq. 4):
+    only the K most likely target tokens are ranked at decoding time, so the loss focuses the
+    drafter's capacity on them. With K = V it equals `soft_cross_entropy`.
+    """
+    if k < 1:
+        raise ValueError(f"topk_kd k ({k}) must be >= 1")
+    lp = teacher_logp.detach().float()
+    k = min(k, lp.shape[-1])
+    top_lp, idx = lp.topk(k, dim=-1)
+    lq = _logp(student).gather(-1, idx)
+    return _reduce(-(top_lp.exp() * lq).sum(-1), reduction)
+
+
+def feature_regression(pred: torch.Tensor, target: torch.Tensor, beta: float = 1.0, reduction: str = "sum") -> torch.Tensor:
+    """Smooth-L1 feature regression, mean over the feature dim, one value per row.
+
+    EAGLE (arXiv 2401.15077) eq. (1): L_reg = SmoothL1(f_{j+1}, f^_{j+1}); the per-token mean over
+    hidden units follows the reference implementation so the weight 1.0 vs 0.1 of L_cls transfers.
+    """
+    per = F.smooth_l1_loss(pred.float(), target.detach().float(), beta=beta, reduction="none").mean(-1)
+    return _reduce(per, reduction)
+
+
+def ctc(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor, target_lengths: torch.Tensor,
+        blank: int = 0, reduction: str = "sum") -> torch.Tensor:
+    """CTC loss -log sum_{alignments} prod q (Graves et al. 2006), as used by CTC drafters (arXiv 2408.00264).
+
+    log_probs: (T, N, C) log-softmax outputs; targets: (N, S) padded labels. Infeasible alignments
+    give 0 (zero_infinity) instead of inf so one bad sample cannot poison a batch.
+    """
+    per = F.ctc_loss(log_probs.float(), targets, input_lengths, target_lengths, blank=blank,
+                     reduction="none", zero_infinity=True)
+    return _reduce(per, reduction)
