@@ -1,0 +1,227 @@
+"""Token ids + assistant-only loss mask from the target tokenizer's own chat template.
+
+No separator strings are hard-coded. For each assistant message i we render, with the template,
+  head_i = messages[:i] + the generation prompt   (ends where the assistant's text starts)
+  upto_i = messages[:i+1]                          (ends after the assistant's end-of-turn)
+and the characters between them are what the assistant "says". Both must be prefixes of the
+full rendering (the template is prefix-stable); then the full text is tokenized once and the
+character spans become token spans through the tokenizer's offsets. Within a span, tokens after
+the last special token (ChatML's newline after <|im_end|>) are template formatting, not something
+the drafter predicts, so the span ends at that end-of-turn token. Header tokens of the generation
+prompt are never loss tokens. A template injecting a default system prompt (SmolLM2's) is handled
+for free: the system text is in every prefix rendering.
+
+If a template is not prefix-stable (some re-render earlier turns), the assistant content is
+located in the full text by search instead; if even that fails the conversation is skipped as
+`template_error` with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class TemplateAlignError(ValueError):
+    """The chat template's rendering cannot be aligned with the messages."""
+
+
+@dataclass
+class Encoded:
+    input_ids: np.ndarray  # (T,) int32
+    loss_mask: np.ndarray  # (T,) uint8, 1 = assistant token (content + end-of-turn)
+    turns: int  # assistant turns with at least one loss token
+    truncated: bool
+
+
+def _render(tok, messages, add_generation_prompt=False) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+class ChatEncoder:
+    """Turns normalised conversations into (input_ids, loss_mask) with truncation rules."""
+
+    def __init__(self, tokenizer, max_length: int = 512, min_loss_tokens: int = 4):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the target tokenizer has no chat_template; set one (tokenizer.chat_template = ...) "
+                             "so the loss mask can follow the model's own conversation format")
+        if max_length < 2:
+            raise ValueError(f"data.max_length ({max_length}) must be >= 2")
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.min_loss_tokens = max(1, min_loss_tokens)
+        ids = set(tokenizer.all_special_ids)
+        for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items():
+            if getattr(t, "special", False):
+                ids.add(int(i))
+        self.special_ids = np.array(sorted(ids), dtype=np.int64)
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        # Rendering every prefix and tokenizing whole threads is wasted work past max_length tokens,
+        # so a first pass only renders the messages within a character budget (English averages
+        # ~4-5 characters a token); a conversation that then has no more than max_length tokens
+        # but lost messages to the budget is redone in full, so the result is the same as without it.
+        # The first pass also cuts the rendered text near the budget at a place where tokenization is
+        # provably unchanged: right before a special token (always split out first), or between
+        # two pre-tokens (BPE never merges across those). Without a pre-tokenizer, or with a
+        # normalizer (which can move characters), no cut is made.
+        self.char_budget = max_length * 6
+        backend = self.backend
+        self.pre = None
+        if backend is not None and backend.normalizer is None and backend.pre_tokenizer is not None:
+            self.pre = backend.pre_tokenizer
+        self.special_strings = [t for t in tokenizer.all_special_tokens if t]
+        for t in getattr(tokenizer, "added_tokens_decoder", {}).values():
+            if getattr(t, "special", False) and t.content not in self.special_strings:
+                self.special_strings.append(t.content)
+        self.stats = {"boundary_straddles": 0, "searched_spans": 0, "re_rendered": 0}
+
+    # ---- rendering -------------------------------------------------------------------------
+
+    def _prune(self, messages: list[dict]) -> list[dict]:
+        """The leading messages whose content fits the character budget (at least one reply)."""
+        total = 0
+        for i, m in enumerate(messages):
+            if total > self.char_budget and any(x["role"] == "assistant" for x in messages[:i]):
+                return messages[:i]
+            total += len(m["content"])
+        return messages
+
+    def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int, bool]]]:
+        """Full text and one (start, end, exact) character span per assistant message."""
+        full = _render(self.tok, messages)
+        spans = []
+        prev = 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            head = _render(self.tok, messages[:i], add_generation_prompt=True) if i else ""
+            upto = _render(self.tok, messages[: i + 1])
+            if upto.startswith(head) and full.startswith(upto) and len(upto) > len(head) >= prev:
+                spans.append((len(head), len(upto), True))
+                prev = len(upto)
+                continue
+            # not prefix-stable: find the content itself after the previous assistant span
+            for needle in (m["content"], m["content"].strip()):
+                pos = full.find(needle, prev) if needle else -1
+                if pos >= 0:
+                    spans.append((pos, pos + len(needle), False))
+                    prev = pos + len(needle)
+                    self.stats["searched_spans"] += 1
+                    break
+            else:
+                raise TemplateAlignError(
+                    f"assistant message {i} is not a prefix-consistent part of the template output and its "
+                    "text was not found in the rendering")
+        return full, spans
+
+    # ---- tokenizing ------------------------------------------------------------------------
+
+    def _cut(self, text: str) -> str:
+        """A prefix of `text` of about char_budget characters whose tokens are a prefix of text's."""
+        p, margin = self.char_budget, 128
+        if self.pre is None or len(text) <= p + 4 * margin:
+            return text
+        lo = p - margin
+        window = text[lo:p + margin]
+        specials = [lo + i for i in (window.find(s) for s in self.special_strings) if i > 0]
+        if specials:
+            return text[:min(specials)]
+        # pre-token boundaries away from the window edges, where the regex context is complete
+        bounds = [lo + a for _, (a, _) in self.pre.pre_tokenize_str(window)[1:] if 16 <= a <= len(window) - 16]
+        if not bounds:
+            return text
+        return text[:min(bounds, key=lambda q: abs(q - p))]
+
+    def _tokenize(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, start offsets) per text; batched in Rust when the tokenizer is a fast one."""
+        if self.backend is not None:
+            encs = self.backend.encode_batch(texts, add_special_tokens=False)
+            return [(np.asarray(e.ids, dtype=np.int64), np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2))
+                    for e in encs]
+        out = []
+        for t in texts:
+            enc = self.tok(t, add_special_tokens=False, return_offsets_mapping=True)
+            out.append((np.asarray(enc["input_ids"], dtype=np.int64),
+                        np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)))
+        return out
+
+    def _token_spans(self, ids, offsets, spans) -> list[tuple[int, int]]:
+        starts = offsets[:, 0]
+        ends = offsets[:, 1]
+        is_special = np.isin(ids, self.special_ids)
+        out = []
+        for s, e, exact in spans:
+            a = int(np.searchsorted(starts, s, "left"))
+            b = int(np.searchsorted(starts, e, "left"))
+            if a > 0 and ends[a - 1] > s:
+                # BPE merged the header's last characters with the reply's first ones; the merged
+                # token stays a header token (it is what the target sees before replying).
+                self.stats["boundary_straddles"] += 1
+            if exact:
+                sp = np.nonzero(is_special[a:b])[0]
+                if len(sp):
+                    b = a + int(sp[-1]) + 1  # end at the end-of-turn token, drop formatting after it
+            elif b < len(ids) and is_special[b]:
+                b += 1  # searched content: its end-of-turn token follows it
+            if b > a:
+                out.append((a, b))
+        return out
+
+    def _truncate(self, n: int, tspans: list[tuple[int, int]]) -> tuple[int, bool]:
+        if n <= self.max_length:
+            return n, False
+        fitting = [b for _, b in tspans if b <= self.max_length]
+        if fitting:
+            return max(fitting), True  # a turn boundary: the end of the last whole assistant turn
+        return self.max_length, True  # first reply alone is too long: cut inside it
+
+    def _render_tokenize(self, items, counter, cut: bool) -> list[tuple]:
+        """[(conversation, messages)] -> [(conversation, ids, offsets, char spans, shortened)].
+
+        `shortened` says the messages were pruned or the text cut; failures are counted and left out.
+        """
+        rendered = []
+        for conv, messages in items:
+            try:
+                text, spans = self.render(messages)
+            except TemplateAlignError as e:
+                counter.skip("template_error", conv.where, str(e))
+                continue
+            except Exception as e:  # jinja raise_exception(), e.g. "roles must alternate"
+                counter.skip("template_error", conv.where, f"{type(e).__name__}: {e}")
+                continue
+            short = self._cut(text) if cut else text
+            rendered.append((conv, short, spans, len(short) < len(text) or len(messages) < len(conv.messages)))
+        toks = self._tokenize([t for _, t, _, _ in rendered])
+        return [(c, ids, off, spans, sh) for (c, _, spans, sh), (ids, off) in zip(rendered, toks)]
+
+    def encode_batch(self, conversations: list, counter) -> list[tuple[object, Encoded]]:
+        """Encode a batch of `Conversation`s; bad ones are counted on `counter` and left out."""
+        first = self._render_tokenize([(c, self._prune(c.messages)) for c in conversations], counter, cut=True)
+        # a conversation whose shortened first pass did not reach max_length tokens is redone whole
+        redo = [c for c, ids, _, _, short in first if short and len(ids) <= self.max_length]
+        self.stats["re_rendered"] += len(redo)
+        again = {id(c): r[:3] for c, *r in self._render_tokenize([(c, c.messages) for c in redo], counter, cut=False)}
+        out = []
+        redo_ids = {id(c) for c in redo}
+        for conv, ids, offsets, spans, _ in first:
+            if id(conv) in redo_ids:
+                if id(conv) not in again:
+                    continue  # the full rendering failed (already counted)
+                ids, offsets, spans = again[id(conv)]
+            tspans = self._token_spans(ids, offsets, spans)
+            n, truncated = self._truncate(len(ids), tspans)
+            mask = np.zeros(n, dtype=np.uint8)
+            turns = 0
+            for a, b in tspans:
+                if a < n:
+                    mask[a:min(b, n)] = 1
+                    turns += 1
+            if int(mask.sum()) < self.min_loss_tokens:
+                reason = "too_long" if truncated else "too_short"
+                counter.skip(reason, conv.where, f"{int(mask.sum())} loss tokens after truncation to "
+                                                 f"{self.max_length} (need {self.min_loss_tokens})")
+                continue
+            out.append((conv, Encoded(ids[:n].astype(np.int32), mask, turns, truncated)))
+        return out
