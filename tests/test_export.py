@@ -296,3 +296,106 @@ def test_unknown_or_unsupported_format(tmp_path, d4, target4):
     d4.export_formats = ("native",)
     with pytest.raises(ValueError, match="does not support 'vllm'"):
         ex.write(d4, ExportConfig(formats=["vllm"]), tmp_path, target4)
+
+
+# ----------------------------------------------------------------------------- the real EAGLE drafter
+
+
+def _eagle(target, **kw):
+    from specdistill.data.vocab import count_tokens
+    from specdistill.drafters.eagle import EagleConfig
+
+    cfg = EagleConfig(**kw)
+    d = drafters.build(cfg, target)
+    if d.draft_vocab_size < target.vocab_size:
+        g = torch.Generator().manual_seed(0)
+        samples = [{"input_ids": torch.randint(0, 128, (40,), generator=g).tolist(), "loss_mask": [1] * 40}
+                   for _ in range(4)]
+        d.set_vocab_map(*vocab_map_from_counts(count_tokens(samples, target.vocab_size), d.draft_vocab_size))
+    with torch.no_grad():
+        for p in d.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return d
+
+
+def _batch(target):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 128, (2, 12), generator=g)
+    mask = torch.zeros_like(ids)
+    mask[:, 4:] = 1
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask}
+
+
+@pytest.mark.parametrize("vd", [32, 0])
+def test_real_eagle3_exports(tmp_path, target4, vd):
+    d = _eagle(target4, variant="eagle3", layer_ids=[1, 2, 3], draft_vocab_size=vd)
+    out = ex.write(d, ExportConfig(dtype="float32"), tmp_path, target4)
+    assert set(out) == {"native", "sglang", "vllm"}
+    sd = d.export_state_dict()
+    st = load_file(str(out["sglang"] / "model.safetensors"))
+    assert set(st) == set(sd) and all(torch.equal(st[k], sd[k]) for k in sd)
+    vt = load_file(str(out["vllm"] / "model.safetensors"))
+    assert ("d2t" in vt) == (vd == 32)
+    for k, v in vt.items():
+        assert torch.equal(v, sd[k.replace("layers.0.", "midlayer.")]), k
+    cfg = json.loads((out["vllm"] / "config.json").read_text())
+    assert cfg["transformer_layer_config"]["head_dim"] == 16 and cfg["draft_vocab_size"] == (vd or 128)
+    back = ex.load_native(out["native"], target4)
+    b = _batch(target4)
+    tout = target4(b["input_ids"], b["attention_mask"], layers=d.layer_ids, return_logits=False)
+    l1, l2 = d.loss(b, tout), back.loss(b, tout)
+    assert torch.equal(l1.loss, l2.loss) and torch.equal(back.draft_ids, d.draft_ids)
+
+
+def test_real_eagle1_is_native_only(tmp_path, target4):
+    d = _eagle(target4, variant="eagle1")
+    out = ex.write(d, ExportConfig(dtype="float32"), tmp_path, target4)
+    assert set(out) == {"native"}
+    with pytest.raises(ContractError, match="eagle1"):
+        ex.write(d, ExportConfig(formats=["sglang"]), tmp_path, target4)
+    back = ex.load_native(out["native"], target4)
+    b = _batch(target4)
+    tout = target4(b["input_ids"], b["attention_mask"], layers=d.layer_ids, return_logits=False)
+    assert torch.equal(d.loss(b, tout).loss, back.loss(b, tout).loss)
+
+
+def test_bf16_export_is_the_bf16_cast(tmp_path, target4):
+    d = _eagle(target4, variant="eagle3", layer_ids=[1, 2, 3], draft_vocab_size=32)
+    out = ex.write(d, ExportConfig(formats=["sglang"]), tmp_path, target4)
+    st = load_file(str(out["sglang"] / "model.safetensors"))
+    assert st["fc.weight"].dtype == torch.bfloat16 and torch.equal(st["fc.weight"], d.fc.weight.detach().bfloat16())
+    assert st["d2t"].dtype == torch.int64 and torch.equal(st["d2t"], d.d2t)
+
+
+def test_cli_exports_trainer_checkpoint(tmp_path):
+    """A run dir as the Trainer leaves it (config.yaml + step_<n>/drafter.safetensors + latest) -> CLI export."""
+    import yaml
+    from conftest import make_llama, make_tokenizer
+    from safetensors.torch import save_file
+
+    import specdistill.drafters.eagle  # noqa: F401  (registers the family if drafters/__init__ does not yet)
+    from specdistill import config, targets
+    from specdistill.cli import main
+
+    tdir = tmp_path / "tiny4"
+    make_llama(layers=4).save_pretrained(tdir)
+    make_tokenizer().save_pretrained(tdir)
+    target = targets.load(str(tdir))
+    run = tmp_path / "run"
+    cfg = config.load(None, [f"target.name={tdir}", "drafter.name=eagle", "drafter.layer_ids=[1,2,3]",
+                             "drafter.draft_vocab_size=32", f"train.output_dir={run}"])
+    d = _eagle(target, layer_ids=[1, 2, 3], draft_vocab_size=32)
+    (run / "step_3").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict(cfg)))
+    save_file({k: v.contiguous() for k, v in d.state_dict().items()}, str(run / "step_3" / "drafter.safetensors"))
+    (run / "latest").write_text("step_3")
+    main(["export", str(run), "--dtype", "float32"])
+    for fmt in ("native", "sglang", "vllm"):
+        assert (run / "export" / fmt / "model.safetensors").exists(), fmt
+    st = load_file(str(run / "export" / "sglang" / "model.safetensors"))
+    assert torch.equal(st["fc.weight"], d.fc.weight.detach())
+    # the native export re-exports to the engine formats too (same tensors)
+    main(["export", str(run / "export" / "native"), "--formats", "sglang", "--out", str(tmp_path / "again"),
+          "--target", str(tdir), "--dtype", "float32"])
+    again = load_file(str(tmp_path / "again" / "sglang" / "model.safetensors"))
+    assert set(again) == set(st) and all(torch.equal(again[k], st[k]) for k in st)

@@ -383,7 +383,7 @@ def open_for(data_cfg, target, layers, split: str = "train", root: str | Path = 
     if not (path / "manifest.json").exists() or not json.loads((path / "manifest.json").read_text()).get("complete"):
         raise FileNotFoundError(
             f"{path}: no finished feature cache for these data/target/layers; run: specdistill data features "
-            f"--target {name} --source {data_cfg.source} "
+            f"{data_cfg.source} --target {name} "
             f"--layers {','.join(map(str, layers))} --max-length {data_cfg.max_length}"
             + (f" --limit {data_cfg.limit}" if data_cfg.limit else ""))
     return open_cache(path, split)
@@ -407,11 +407,11 @@ def argmax_agreement(dataset: FeatureDataset, target, max_samples: int = 8) -> d
 
 def run(args) -> int:
     from specdistill import targets
-    from specdistill.config import DataConfig
+    from specdistill.data.cli import data_config
 
     target = targets.load(args.target)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else default_layers(target)
-    dcfg = DataConfig(source=args.source, max_length=args.max_length, limit=args.limit)
+    dcfg = data_config(args)
     path, train, val, summary = dir_for(dcfg, target, layers, args.out)
     splits = {"train": train} if args.splits == "train" else {"train": train, "val": val}
     print(f"[features] {path}: layers {layers}, {len(train)} train / {len(val)} val samples, "
@@ -436,12 +436,11 @@ def run(args) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="default", help="target model (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--source", default="default", help="data.source: default, a .json/.jsonl file, or hf:<id>")
+    from specdistill.data.cli import add_data_args
+
+    add_data_args(p)  # source, --target, --max-length, --limit, ...: the same DataConfig keys training uses
     p.add_argument("--layers", default="", help="comma-separated layer ids (targets.py convention); "
                    "default: EAGLE-3's [2, N//2, N-3]")
-    p.add_argument("--limit", type=int, default=0, help="use at most this many conversations (0 = all)")
-    p.add_argument("--max-length", type=int, default=512, help="data.max_length")
     p.add_argument("--batch-size", type=int, default=8, help="samples per target forward")
     p.add_argument("--shard-samples", type=int, default=64, help="samples per shard (the resume unit)")
     p.add_argument("--splits", choices=["train", "train,val"], default="train,val")

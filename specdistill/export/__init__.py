@@ -28,7 +28,10 @@ def resolve_formats(drafter, requested) -> list[str]:
     spec = common.spec_of(drafter)
     # A family may narrow its formats per instance (EAGLE-1 has no EAGLE-3 engine layout).
     supported = tuple(getattr(drafter, "export_formats", None) or spec.export_formats)
-    fmts = list(requested) if requested else list(supported)
+    if not requested:
+        # Every format the family lists that can express this instance (EAGLE-1: native only).
+        return [f for f in supported if f in FORMATS and (f == "native" or common.eagle3_engine_gap(drafter) is None)]
+    fmts = list(requested)
     for f in fmts:
         if f not in FORMATS:
             raise ValueError(f"export.formats: unknown format {f!r}; known: {sorted(FORMATS)}")

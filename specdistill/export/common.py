@@ -58,7 +58,7 @@ def drafter_config_dict(drafter) -> dict:
 
 def layer_ids(drafter, target) -> list[int]:
     """The aux layer ids the drafter reads, in the targets.py convention (explicit, never defaulted)."""
-    ids = getattr(drafter.cfg, "layer_ids", None)
+    ids = getattr(drafter, "layer_ids", None) or getattr(drafter.cfg, "layer_ids", None)
     if not ids:
         ids = spec_of(drafter).target_layers(drafter.cfg, target.config)
     return [int(i) for i in ids]
@@ -72,6 +72,25 @@ def _rope_theta(hf_cfg) -> float:
     return float(theta if theta is not None else 10000.0)
 
 
+def rope_scaling(hf_cfg) -> dict | None:
+    """HF `rope_scaling` for a non-default RoPE (llama3, yarn, ...); None for plain RoPE."""
+    rp = getattr(hf_cfg, "rope_parameters", None) or getattr(hf_cfg, "rope_scaling", None)
+    if not isinstance(rp, dict) or rp.get("rope_type", rp.get("type", "default")) == "default":
+        return None
+    return {k: v for k, v in rp.items() if k != "rope_theta"}
+
+
+def eagle3_engine_gap(drafter) -> str | None:
+    """Why the SGLang/vLLM EAGLE-3 layouts cannot express this drafter, or None if they can."""
+    c = drafter.cfg
+    variant = getattr(c, "variant", "eagle3")
+    if variant != "eagle3":
+        return f"variant {variant!r} has no EAGLE-3 engine layout (only eagle3, with or without HASS options)"
+    if getattr(c, "num_layers", 1) != 1:
+        return f"drafter.num_layers={c.num_layers}: the engines' EAGLE-3 loaders read exactly one draft layer"
+    return None
+
+
 def eagle_dims(drafter, target, tensors: dict[str, torch.Tensor]) -> dict:
     """Architecture numbers of an EAGLE draft layer: drafter.cfg first, the target's config second.
 
@@ -79,17 +98,20 @@ def eagle_dims(drafter, target, tensors: dict[str, torch.Tensor]) -> dict:
     numbers against the tensors, so a drafter whose weights disagree with its config is caught.
     """
     c, t = drafter.cfg, target.config
+    lc = getattr(drafter, "llama_config", None)  # the draft layer's own LlamaConfig, when the family has one
 
     def pick(name, default=None):
-        v = getattr(c, name, None)
+        v = getattr(lc, name, None) if lc is not None else None
+        if v in (None, 0, ""):
+            v = getattr(c, name, None)
         if v in (None, 0, ""):
             v = getattr(t, name, None)
         return default if v is None else v
 
     hidden = int(pick("hidden_size"))
     heads = int(pick("num_attention_heads"))
-    head_dim = getattr(c, "head_dim", None) or getattr(t, "head_dim", None) or hidden // heads
-    draft_vocab = getattr(c, "draft_vocab_size", None) or target.vocab_size
+    head_dim = pick("head_dim") or hidden // heads
+    draft_vocab = getattr(drafter, "draft_vocab_size", None) or getattr(c, "draft_vocab_size", None) or target.vocab_size
     return {
         "hidden_size": hidden,
         "intermediate_size": int(pick("intermediate_size")),
@@ -98,7 +120,8 @@ def eagle_dims(drafter, target, tensors: dict[str, torch.Tensor]) -> dict:
         "head_dim": int(head_dim),
         "rms_norm_eps": float(pick("rms_norm_eps", 1e-5)),
         "max_position_embeddings": int(pick("max_position_embeddings", 2048)),
-        "rope_theta": float(getattr(c, "rope_theta", None) or _rope_theta(t)),
+        "rope_theta": _rope_theta(lc) if lc is not None else _rope_theta(t),
+        "rope_scaling": rope_scaling(lc if lc is not None else t),
         "hidden_act": str(pick("hidden_act", "silu")),
         "initializer_range": float(pick("initializer_range", 0.02)),
         "vocab_size": int(target.vocab_size),

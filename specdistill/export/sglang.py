@@ -19,6 +19,9 @@ FORMAT = "sglang"
 
 def build(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
     """(config.json dict, tensors) of the SGLang layout; not yet checked."""
+    gap = common.eagle3_engine_gap(drafter)
+    if gap:
+        raise contracts.ContractError(f"{FORMAT} export: {gap}")
     sd = drafter.export_state_dict()
     tensors = common.cast({k: v for k, v in sd.items() if not k.startswith("embed_tokens.")},
                           common.torch_dtype(dtype))
@@ -40,7 +43,7 @@ def build(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
         "num_hidden_layers": 1,
         "rms_norm_eps": d["rms_norm_eps"],
         "rope_theta": d["rope_theta"],
-        "rope_scaling": None,
+        "rope_scaling": d["rope_scaling"],
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,

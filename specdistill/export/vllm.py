@@ -18,6 +18,9 @@ SPECULATORS_VERSION = "0.9.0"
 
 
 def build(drafter, target, dtype: str = "bfloat16", speculative_tokens: int = 3) -> tuple[dict, dict]:
+    gap = common.eagle3_engine_gap(drafter)
+    if gap:
+        raise contracts.ContractError(f"{FORMAT} export: {gap}")
     sd = drafter.export_state_dict()
     raw = {}
     for k, v in sd.items():
@@ -46,7 +49,7 @@ def build(drafter, target, dtype: str = "bfloat16", speculative_tokens: int = 3)
         "num_key_value_heads": d["num_key_value_heads"],
         "pretraining_tp": 1,
         "rms_norm_eps": d["rms_norm_eps"],
-        "rope_scaling": None,
+        "rope_scaling": d["rope_scaling"],
         "rope_theta": d["rope_theta"],
         "tie_word_embeddings": False,
         "use_cache": True,
