@@ -1,0 +1,95 @@
+"""The steps recipes share, as plain functions, so every recipe stays a short visible list of calls.
+
+    cfg = config.load("eagle", argv)
+    target = targets.load(cfg.target)
+    drafter = drafters.build(cfg.drafter, target)
+    run = pipeline.training_data(cfg, target, drafter)       # online or offline features
+    Trainer(cfg, target, drafter, run.train, run.val, run.collate, run.target_fn).fit()
+    pipeline.export_and_score(cfg, drafter, target)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    train: Any
+    val: Any
+    collate: Any = None
+    target_fn: Any = None
+    summary: dict | None = None
+
+
+def training_data(cfg, target, drafter) -> TrainingData:
+    """Prepared conversations (online target features) or the offline feature cache, plus the
+    draft-vocabulary map for drafters with a reduced vocabulary (built from the training labels)."""
+    from specdistill import data
+
+    train, val, summary = data.build(cfg.data, target.tokenizer)
+    fit_vocab(drafter, train, summary, target)
+    if cfg.train.features == "offline":
+        from specdistill.data import features
+
+        layers = drafter.spec.target_layers(drafter.cfg, target.config)
+        ftrain = features.open_for(cfg.data, target, layers, "train")
+        fval = features.open_for(cfg.data, target, layers, "val")
+        return TrainingData(ftrain, fval, features.make_collate(ftrain), features.offline_target_fn(ftrain, target),
+                            summary)
+    return TrainingData(train, val, data.make_collate(target.tokenizer.pad_token_id), None, summary)
+
+
+def fit_vocab(drafter, train_ds, summary: dict, target) -> None:
+    """Install d2t/t2d from label-token frequencies when the drafter uses a reduced vocabulary."""
+    vd = getattr(drafter, "draft_vocab_size", None)
+    if vd is None or not hasattr(drafter, "set_vocab_map") or vd >= target.vocab_size:
+        return
+    from specdistill.data import vocab
+
+    vm = vocab.build(train_ds, target.vocab_size, vd, data_key=Path(summary["prepared_dir"]).name,
+                     tokenizer=target.tokenizer)
+    drafter.set_vocab_map(vm.d2t, vm.t2d)
+    log.info("draft vocabulary: %d of %d tokens, covering %.1f%% of training labels", vd, target.vocab_size,
+             100 * vm.coverage)
+
+
+def export_and_score(cfg, drafter, target, is_main: bool = True) -> dict[str, Path]:
+    """Write every export format under <output_dir>/export/<format>/ and, unless
+    eval.limit_per_category < 0, score the native export on Spec-Bench (eval.json beside it)."""
+    from specdistill import export
+
+    if not is_main:
+        return {}
+    root = Path(cfg.export.out_dir or Path(cfg.train.output_dir) / "export")
+    written = export.write(drafter, cfg.export, root, target)
+    for fmt, path in written.items():
+        print(f"exported {fmt}: {path}")
+    if cfg.eval.limit_per_category >= 0 and "native" in written:
+        result = score(drafter, target, cfg.eval, written["native"])
+        if result is not None:
+            for fmt, path in written.items():
+                if fmt != "native":
+                    (path / "eval.json").write_text((written["native"] / "eval.json").read_text())
+    return written
+
+
+def score(drafter, target, eval_cfg, out_dir: Path) -> dict | None:
+    """Run the speculative verifier on the question set and write eval.json + plot into out_dir."""
+    from specdistill.verify import evaluate
+
+    drafter.eval()
+    proposer = drafter.proposer(target, mode="chain", k=eval_cfg.num_draft_tokens)
+    result = evaluate.run_eval(
+        target, proposer, questions=eval_cfg.questions, limit_per_category=eval_cfg.limit_per_category,
+        max_new_tokens=eval_cfg.max_new_tokens, temperature=0.0, out_dir=out_dir, drafter_name=str(out_dir),
+    )
+    summary = {k: result.get(k) for k in ("tau", "speedup", "identical_to_greedy")}
+    print("eval:", json.dumps(summary))
+    return result
