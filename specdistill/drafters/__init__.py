@@ -17,3 +17,7 @@ def build(cfg, target):
     model = spec.build(cfg, target)
     model.spec = spec
     return model
+
+
+# Family modules register themselves on import; explicit, no directory scanning.
+from specdistill.drafters import eagle  # noqa: E402,F401
