@@ -240,7 +240,8 @@ def test_repairs_are_noted_not_skipped(tmp_path):
 
 
 def test_unreadable_files_are_clear_errors_naming_the_file(tmp_path):
-    cases = {"missing.json": None, "adir": "dir", "notjson.json": b"hello, world", "empty.jsonl": b"  \n"}
+    cases = {"missing.json": None, "adir": "dir", "notjson.json": b"hello, world", "empty.jsonl": b"  \n",
+             "object.json": b'{\n  "data": []\n}\n'}
     for name, content in cases.items():
         p = tmp_path / name
         if content == "dir":

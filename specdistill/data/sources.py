@@ -89,7 +89,7 @@ def _content_text(content) -> str | None:
     return None
 
 
-def normalize(record, where: str, index: int, counter: SkipCounter) -> Conversation | None:
+def normalize(record, where: str, counter: SkipCounter) -> Conversation | None:
     """Return a clean Conversation, or None after counting why the record is skipped."""
     if not isinstance(record, dict):
         counter.skip("bad_shape", where, f"record is a {type(record).__name__}, not an object")
@@ -214,7 +214,7 @@ def _iter_array(path: Path, counter: SkipCounter) -> Iterator[Conversation]:
         i = -1
         try:
             for i, rec in enumerate(ijson.items(stream, "item")):
-                conv = normalize(rec, f"{path}[record {i}]", i, counter)
+                conv = normalize(rec, f"{path}[record {i}]", counter)
                 if conv is not None:
                     yield conv
         except ijson.JSONError as e:
@@ -243,10 +243,13 @@ def _iter_lines(path: Path, counter: SkipCounter) -> Iterator[Conversation]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
+                if lineno == 1 and path.suffix == ".json" and raw.strip() == b"{":
+                    raise SourceError(f"{path}: a JSON object file is not supported; expected a JSON array of "
+                                      "conversations or JSONL (one conversation object per line)") from None
                 # only the last line can lack its newline: a parse error there is a cut-off file
                 counter.skip("invalid_json" if raw.endswith(b"\n") else "truncated_file", where, e.msg)
                 continue
-            conv = normalize(rec, where, lineno, counter)
+            conv = normalize(rec, where, counter)
             if conv is not None:
                 yield conv
 
@@ -276,7 +279,7 @@ def _iter_hf(spec: str, counter: SkipCounter) -> Iterator[Conversation]:
     except Exception as e:  # datasets raises many types; all mean "this source cannot be read"
         raise SourceError(f"hf:{spec}: cannot load dataset: {type(e).__name__}: {e}") from None
     for i, rec in enumerate(ds):
-        conv = normalize(rec, f"hf:{name}[{split} {i}]", i, counter)
+        conv = normalize(rec, f"hf:{name}[{split} {i}]", counter)
         if conv is not None:
             yield conv
 
