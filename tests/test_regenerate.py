@@ -1,0 +1,82 @@
+"""Self-distillation regeneration: ShareGPT output the data pipeline reads, resume, greedy == target's own."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from specdistill.data import regenerate as rg
+
+
+def _lines(p):
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+
+
+def test_regenerate_writes_sharegpt_and_resumes(tmp_path, tiny_target, tiny_conversations):
+    out = tmp_path / "regen.jsonl"
+    s1 = rg.regenerate(tiny_conversations, tiny_target, out, max_new_tokens=4, batch_size=2, limit=3)
+    assert s1["written"] == 3 and s1["turns"] == 6
+    recs = _lines(out)
+    assert [r["id"] for r in recs] == ["c0", "c1", "c2"]
+    for r, src in zip(recs, tiny_conversations):
+        conv = r["conversations"]
+        assert [m["from"] for m in conv] == ["human", "gpt", "human", "gpt"]
+        assert conv[0]["value"] == src["conversations"][0]["value"]  # user turns kept
+        assert r["regenerated"]["turns"] == 2 and r["regenerated"]["new_tokens"] <= 8
+    # a crash mid-write leaves a torn line: it is dropped and the run continues after the done ids
+    with open(out, "a") as f:
+        f.write('{"id": "c3", "conversa')
+    s2 = rg.regenerate(tiny_conversations, tiny_target, out, max_new_tokens=4, batch_size=2, limit=5)
+    assert s2["skipped_done"] == 3 and s2["written"] == 2
+    recs2 = _lines(out)
+    assert [r["id"] for r in recs2] == ["c0", "c1", "c2", "c3", "c4"]
+    assert recs2[:3] == recs
+
+
+def test_greedy_turns_are_the_targets_own_greedy_answers(tmp_path, tiny_target, tiny_conversations):
+    out = tmp_path / "r.jsonl"
+    rg.regenerate(tiny_conversations[:3], tiny_target, out, max_new_tokens=6, batch_size=3)
+    tok = tiny_target.tokenizer
+    for rec in _lines(out):
+        conv = rec["conversations"]
+        msgs = [{"role": "user", "content": conv[0]["value"]}]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        x = torch.tensor([list(ids)])
+        new = []
+        for _ in range(6):  # plain greedy decoding, one token at a time, no padding
+            nxt = int(tiny_target.model(x).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+            x = torch.cat([x, torch.tensor([[nxt]])], 1)
+        assert conv[1]["value"] == tok.decode(new, skip_special_tokens=True)
+
+
+def test_output_is_a_valid_data_source(tmp_path, tiny_target, tiny_conversations):
+    from specdistill.data.sources import iter_conversations
+    from specdistill.data.stats import SkipCounter
+
+    out = tmp_path / "r.jsonl"
+    rg.regenerate(tiny_conversations[:4], tiny_target, out, max_new_tokens=3, batch_size=4)
+    c = SkipCounter()
+    convs = list(iter_conversations(str(out), c))
+    assert len(convs) + c.total_skipped == 4
+    assert all(m["role"] in ("user", "assistant") for cv in convs for m in cv.messages)
+
+
+def test_prompt_limit_cuts_conversation(tmp_path, tiny_target, tiny_conversations):
+    out = tmp_path / "r.jsonl"
+    n_first = len(rg.Generator(tiny_target).prompt_ids(
+        [{"role": "user", "content": tiny_conversations[0]["conversations"][0]["value"]}]))
+    s = rg.regenerate(tiny_conversations[:1], tiny_target, out, max_new_tokens=3, max_prompt_tokens=n_first + 4)
+    rec = _lines(out)[0]
+    assert len(rec["conversations"]) == 2 and s["turns_cut_by_length"] == 1
+
+
+def test_output_path_keyed_by_settings(tiny_target, sharegpt_file):
+    a = rg.output_path("root", str(sharegpt_file), tiny_target, {"max_new_tokens": 4, "temperature": 0.0})
+    b = rg.output_path("root", str(sharegpt_file), tiny_target, {"max_new_tokens": 8, "temperature": 0.0})
+    assert a != b and a.suffix == ".jsonl" and a.name.startswith("convs-")
+    assert a == rg.output_path("root", str(sharegpt_file), tiny_target, {"max_new_tokens": 4, "temperature": 0.0})
