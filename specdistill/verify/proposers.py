@@ -1,0 +1,134 @@
+"""Proposers that need no training: prompt lookup (n-gram matching) and an independent draft model.
+
+Trained families (Medusa, EAGLE, CTC) ship their own proposers in their drafter modules and plug in
+through `Proposer` (proposer.py) and `loading.register_loader`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specdistill.verify import sampling
+from specdistill.verify.proposer import DraftTree, Proposer, ProposerState
+
+
+def _trie(continuations: list[list[int]]) -> DraftTree:
+    """Merge token sequences sharing prefixes into one tree (nodes in insertion = topological order)."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    index: dict[tuple[int, int], int] = {}
+    for seq in continuations:
+        node = -1
+        for t in seq:
+            key = (node, t)
+            if key not in index:
+                index[key] = len(tokens)
+                tokens.append(t)
+                parents.append(node)
+            node = index[key]
+    return DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+
+
+class PromptLookupProposer(Proposer):
+    """Prompt lookup decoding (Saxena 2023; "n-gram" drafting in vLLM/HF): copy what followed the
+    latest earlier occurrence of the context's last n tokens, trying n = max_ngram .. min_ngram.
+
+    With `branches > 1` the continuations of several distinct matches are merged into a tree.
+    """
+
+    def __init__(self, num_draft_tokens: int = 5, max_ngram: int = 3, min_ngram: int = 1, branches: int = 1):
+        if num_draft_tokens < 1 or not 1 <= min_ngram <= max_ngram or branches < 1:
+            raise ValueError(f"PromptLookupProposer: bad settings num_draft_tokens={num_draft_tokens} "
+                             f"ngram={min_ngram}..{max_ngram} branches={branches}")
+        self.k, self.max_ngram, self.min_ngram, self.branches = num_draft_tokens, max_ngram, min_ngram, branches
+
+    def propose(self, state: ProposerState) -> DraftTree:
+        toks = state.tokens
+        L = toks.numel()
+        found: list[list[int]] = []
+        for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
+            windows = toks[:L - 1].unfold(0, n, 1)  # windows[i] = toks[i:i+n], all end before the last token
+            hits = (windows == toks[L - n:]).all(dim=1).nonzero().flatten().tolist()
+            for start in reversed(hits):  # most recent first
+                cont = toks[start + n:start + n + self.k].tolist()
+                if cont and cont not in found:
+                    found.append(cont)
+                    if len(found) >= self.branches:
+                        return _trie(found)
+            if found:
+                break
+        return _trie(found) if found else DraftTree.empty()
+
+
+def check_same_vocabulary(target, draft_model, draft_tokenizer=None, name: str = "draft") -> None:
+    """A draft must speak the target's token ids; raise a ValueError saying what differs."""
+    tv = target.vocab_size
+    dv = draft_model.get_output_embeddings().weight.shape[0]
+    if dv != tv:
+        raise ValueError(f"{name}: vocabulary size {dv} differs from the target's {tv}; "
+                         "a draft model must share the target's tokenizer")
+    if draft_tokenizer is not None and target.tokenizer is not None:
+        a, b = target.tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+        if a != b:
+            diff = sorted(set(a.items()) ^ set(b.items()))[:5]
+            raise ValueError(f"{name}: tokenizer differs from the target's ({len(a)} vs {len(b)} entries; "
+                             f"first differences {diff}); a draft model must share the target's tokenizer")
+
+
+class DraftModelProposer(Proposer):
+    """An independent small causal LM drafting `num_draft_tokens` tokens (Leviathan et al. 2023).
+
+    Keeps its own KV cache over the committed tokens; after a rejection it crops the cache back to
+    the longest prefix still committed, so accepted tokens are never recomputed. With temperature > 0
+    it samples from its own warped distribution and reports it in `DraftTree.probs`.
+    """
+
+    def __init__(self, model, num_draft_tokens: int = 5, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None):
+        if num_draft_tokens < 1:
+            raise ValueError(f"DraftModelProposer: num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        self.model = model.eval()
+        self.k = num_draft_tokens
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.device = next(model.parameters()).device
+        self.cache = None
+        self.fed = torch.empty(0, dtype=torch.long)  # tokens whose K/V are in self.cache
+
+    def reset(self, prompt_ids: torch.Tensor) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        self.fed = torch.empty(0, dtype=torch.long)
+
+    def _step(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model.model(input_ids=ids[None].to(self.device), cache=self.cache, use_cache=True)
+        return self.model.lm_head(out.last_hidden_state[0, -1])
+
+    @torch.inference_mode()
+    def propose(self, state: ProposerState) -> DraftTree:
+        if self.cache is None:
+            self.reset(state.tokens)
+        toks = state.tokens
+        L = toks.numel()
+        m = min(self.fed.numel(), L - 1)  # always feed at least the last token to get fresh logits
+        diff = (self.fed[:m] != toks[:m]).nonzero()
+        keep = int(diff[0]) if diff.numel() else m
+        if keep < self.fed.numel():
+            self.cache.crop(keep - self.fed.numel())
+        logits = self._step(toks[keep:])
+        drafted: list[int] = []
+        rows = []
+        for j in range(self.k):
+            if self.temperature > 0:
+                q = sampling.warp(logits, self.temperature, self.top_p, self.top_k)
+                x = int(torch.multinomial(q, 1, generator=self.generator))
+                rows.append(q)
+            else:
+                x = int(logits.argmax())
+            drafted.append(x)
+            if j + 1 < self.k:
+                logits = self._step(torch.tensor([x]))
+        self.fed = torch.cat([toks, torch.tensor(drafted[:-1], dtype=torch.long)])
+        probs = torch.stack(rows) if rows else None
+        return DraftTree.chain(drafted, probs)
