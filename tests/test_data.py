@@ -272,6 +272,30 @@ def test_hf_source_without_datasets_says_how_to_install(tmp_path):
     assert len(convs) == 3
 
 
+def test_hf_source_reads_local_files_through_datasets(tmp_path, monkeypatch):
+    """The hf: code path with a stand-in `datasets` module (the real one is an optional install)."""
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(kind, data_files=None, split=None):
+        calls.append((kind, data_files, split))
+        return [json.loads(x) for x in Path(data_files).read_text().splitlines()]
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = load_dataset
+    fake.load_from_disk = lambda p: pytest.fail("not a save_to_disk folder")
+    fake.DatasetDict = dict
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    convs, counter = read_all(f"hf:{SAMPLES / 'openai_sample.jsonl'}#train")
+    assert [c.id for c in convs] == ["sample-oa-0", "sample-oa-1", "sample-oa-2"] and not counter.skipped
+    assert calls == [("json", str(SAMPLES / "openai_sample.jsonl"), "train")]
+    fake.load_dataset = lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline"))
+    with pytest.raises(SourceError, match="hf:some/hub-id.*offline"):
+        read_all("hf:some/hub-id")
+
+
 def test_shipped_samples_parse_in_both_shapes():
     for name, n in [("sharegpt_sample.jsonl", 4), ("sharegpt_sample.json", 4), ("openai_sample.jsonl", 3)]:
         convs, counter = read_all(SAMPLES / name)
@@ -309,7 +333,31 @@ def test_build_caches_and_reuses(tmp_path, sharegpt_file, tiny_tokenizer):
     sharegpt_file.write_text(sharegpt_file.read_text() + " ")
     _, _, s4 = build(cfg, tiny_tokenizer)
     assert not s4["cached"] and s4["prepared_dir"] != s1["prepared_dir"]
-    assert len(list((tmp_path / "prep").iterdir())) == 3  # no temporary folders left behind
+    entries = [p.name for p in (tmp_path / "prep").iterdir()]
+    assert len([e for e in entries if not e.startswith(".")]) == 3
+    assert not [e for e in entries if ".tmp" in e]  # no temporary folders left behind
+
+
+def _build_in_child(args):
+    cfg, q = args
+    _, _, summary = build(cfg, make_tokenizer())
+    q.put(summary["cached"])
+
+
+def test_concurrent_builds_prepare_once(tmp_path, sharegpt_file):
+    """Every rank of a multi-process launch calls build(); only one may do the work."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    cfg = DataConfig(source=str(sharegpt_file), max_length=96, prepared_dir=str(tmp_path / "prep"))
+    procs = [ctx.Process(target=_build_in_child, args=((cfg, q),)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert sorted(q.get(timeout=5) for _ in procs) == [False, True, True]
 
 
 def test_build_with_no_usable_conversation_is_an_error(tmp_path, tiny_tokenizer):

@@ -12,6 +12,7 @@ The folder is written under a temporary name and renamed into place, so readers 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -145,6 +146,26 @@ def prepare(cfg: DataConfig, tokenizer, out: Path) -> dict:
     return summary
 
 
+def _complete(out: Path) -> bool:
+    return (out / "summary.json").exists() and (out / "samples.safetensors").exists()
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    """An exclusive advisory file lock (POSIX); a no-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load_prepared(out: Path) -> tuple[PreparedDataset, PreparedDataset, dict]:
     from safetensors.numpy import load_file
 
@@ -163,11 +184,16 @@ def build(cfg: DataConfig, tokenizer, verbose: bool = True) -> tuple[PreparedDat
     t0 = time.time()
     src = resolve(cfg.source)
     out = cache_dir(cfg, tok, src.identity())
-    cached = (out / "summary.json").exists() and (out / "samples.safetensors").exists()
+    cached = _complete(out)
     if not cached:
         out.parent.mkdir(parents=True, exist_ok=True)
-        log.info("preparing %s into %s", cfg.source, out)
-        prepare(cfg, tok, out)
+        with _lock(out.parent / f".{out.name}.lock"):
+            # every process of a multi-process launch calls build(); one prepares, the others
+            # wait on the lock and then find the finished folder
+            cached = _complete(out)
+            if not cached:
+                log.info("preparing %s into %s", cfg.source, out)
+                prepare(cfg, tok, out)
     train, val, summary = load_prepared(out)
     summary = dict(summary, cached=cached, prepared_dir=str(out), seconds=round(time.time() - t0, 2))
     if verbose:
