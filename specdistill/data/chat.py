@@ -61,19 +61,25 @@ class ChatEncoder:
         # so a first pass only renders the messages within a character budget (English averages
         # ~4-5 characters a token); a conversation that then has no more than max_length tokens
         # but lost messages to the budget is redone in full, so the result is the same as without it.
-        # The first pass also cuts the rendered text near the budget at a place where tokenization is
-        # provably unchanged: right before a special token (always split out first), or between
-        # two pre-tokens (BPE never merges across those). Without a pre-tokenizer, or with a
-        # normalizer (which can move characters), no cut is made.
+        # The first pass also cuts the rendered text near the budget where the tokens before the cut
+        # cannot change: right before a special token (split out before anything else), or at a
+        # pre-token boundary of the form "<non-space>| <letter>", which the GPT-2, Llama-3 and Qwen
+        # split regexes all keep whatever surrounds it (unlike e.g. Llama-3's 3-digit groups,
+        # whose alignment depends on where a window starts). Without a pre-tokenizer, or with a
+        # normalizer (which can move characters), no cut is made. (Pruning assumes a prefix-stable
+        # template; for others it means the turns are rendered as if the conversation ended there.)
         self.char_budget = max_length * 6
         backend = self.backend
         self.pre = None
         if backend is not None and backend.normalizer is None and backend.pre_tokenizer is not None:
             self.pre = backend.pre_tokenizer
-        self.special_strings = [t for t in tokenizer.all_special_tokens if t]
-        for t in getattr(tokenizer, "added_tokens_decoder", {}).values():
-            if getattr(t, "special", False) and t.content not in self.special_strings:
-                self.special_strings.append(t.content)
+        # an added token that strips whitespace to its left would swallow what precedes a cut
+        added = {t.content: t for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+        self.special_strings = sorted(
+            {t for t in tokenizer.all_special_tokens if t}
+            | {c for c, t in added.items() if getattr(t, "special", False)}
+        )
+        self.special_strings = [c for c in self.special_strings if not getattr(added.get(c), "lstrip", False)]
         self.stats = {"boundary_straddles": 0, "searched_spans": 0, "re_rendered": 0}
 
     # ---- rendering -------------------------------------------------------------------------
@@ -127,8 +133,10 @@ class ChatEncoder:
         specials = [lo + i for i in (window.find(s) for s in self.special_strings) if i > 0]
         if specials:
             return text[:min(specials)]
-        # pre-token boundaries away from the window edges, where the regex context is complete
-        bounds = [lo + a for _, (a, _) in self.pre.pre_tokenize_str(window)[1:] if 16 <= a <= len(window) - 16]
+        # pre-token boundaries away from the window edges, of the context-free "x| word" kind
+        bounds = [lo + a for _, (a, _) in self.pre.pre_tokenize_str(window)[1:]
+                  if 16 <= a <= len(window) - 16 and window[a] == " " and not window[a - 1].isspace()
+                  and window[a + 1].isalpha()]
         if not bounds:
             return text
         return text[:min(bounds, key=lambda q: abs(q - p))]
