@@ -113,13 +113,15 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        rc = args.func(args)
     except (config.ConfigError, FileNotFoundError, ValueError) as e:
         # User errors (bad key, missing file, malformed input) get one clear line, not a traceback.
         if args.verbose:
             raise
         print(f"specdistill {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if isinstance(rc, int) and rc:
+        raise SystemExit(rc)
 
 
 if __name__ == "__main__":
