@@ -85,7 +85,8 @@ class _HiddenCapture:
         self.handles = []
 
 
-def _eos_ids(target, eos_token_ids) -> set[int]:
+def eos_ids(target, eos_token_ids=None) -> set[int]:
+    """Explicit ids, else the tokenizer's EOS plus the generation config's (SmolLM2: <|im_end|>)."""
     if eos_token_ids is not None:
         return {int(e) for e in ([eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)}
     ids: set[int] = set()
@@ -130,7 +131,7 @@ class Verifier:
             raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise ValueError(f"generate: bad sampling settings temperature={temperature} top_p={top_p} top_k={top_k}")
-        eos = _eos_ids(self.target, eos_token_ids)
+        eos = eos_ids(self.target, eos_token_ids)
         generator = None
         if temperature > 0:
             generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % (2**63))
