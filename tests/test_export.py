@@ -399,3 +399,29 @@ def test_cli_exports_trainer_checkpoint(tmp_path):
           "--target", str(tdir), "--dtype", "float32"])
     again = load_file(str(tmp_path / "again" / "sglang" / "model.safetensors"))
     assert set(again) == set(st) and all(torch.equal(again[k], st[k]) for k in st)
+
+
+@pytest.mark.parametrize("vd", [32, 0])
+def test_engine_exports_reload_to_the_same_drafter(tmp_path, target4, vd):
+    """What ships is what is scored: SGLang/vLLM dirs rebuild a drafter with the same loss (fp32 export)."""
+    d = _eagle(target4, variant="eagle3", layer_ids=[1, 2, 3], draft_vocab_size=vd)
+    out = ex.write(d, ExportConfig(dtype="float32", formats=["sglang", "vllm"]), tmp_path, target4)
+    b = _batch(target4)
+    tout = target4(b["input_ids"], b["attention_mask"], layers=d.layer_ids, return_logits=False)
+    ref = d.loss(b, tout).loss
+    for fmt in ("sglang", "vllm"):
+        back = ex.load_any(out[fmt], target4)
+        assert torch.equal(back.loss(b, tout).loss, ref), fmt
+        assert torch.equal(back.d2t, d.d2t) and torch.equal(back.t2d, d.t2d)
+
+
+def test_verifier_loader_claims_exports(tmp_path, target4):
+    from specdistill.verify import loading
+
+    d = _eagle(target4, variant="eagle3", layer_ids=[1, 2, 3], draft_vocab_size=32)
+    out = ex.write(d, ExportConfig(dtype="float32"), tmp_path, target4)
+    for fmt in ("native", "sglang", "vllm"):
+        p = loading.load_proposer(str(out[fmt]), target4, num_draft_tokens=3)
+        assert p.k == 3 and p.mode == "chain" and tuple(p.target_layers) == (1, 2, 3)
+    p = loading.load_proposer(str(out["native"]), target4, tree=(4, 2, 1))
+    assert p.mode == "tree" and p.depth == 3 and p.topk == 4 and p.budget == 4 + 8 + 8

@@ -14,7 +14,7 @@ from specdistill.export.contracts import ContractError
 from specdistill.export.native import is_native_dir, load_checkpoint
 from specdistill.export.native import load as load_native
 
-__all__ = ["ContractError", "FORMATS", "write", "load_native", "load_checkpoint", "is_native_dir"]
+__all__ = ["ContractError", "FORMATS", "write", "load_any", "load_native", "load_checkpoint", "is_native_dir"]
 
 # format name -> (build(drafter, target, dtype) -> (config, tensors), check(config, tensors, n_layers))
 FORMATS = {
@@ -62,3 +62,50 @@ def write(drafter, export_cfg, out_root: str | Path | None, target) -> dict[str,
             "specdistill_export.json": common.json_writer(meta),
         })
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Verifier loader: `specdistill eval --drafter <native export | run dir | step_<n>/>`
+
+
+def _claims(path: Path) -> bool:
+    return is_native_dir(path) or native.is_engine_export(path) or native.checkpoint_dir(path) is not None
+
+
+def load_any(path: str | Path, target):
+    """The drafter in a native export, an SGLang/vLLM export written here, or a Trainer checkpoint."""
+    path = Path(path)
+    if is_native_dir(path):
+        return load_native(path, target)
+    if native.is_engine_export(path):
+        return native.load_engine_export(path, target)
+    return load_checkpoint(path, target)
+
+
+def proposer_kwargs(opts) -> dict:
+    """ProposerOptions -> EAGLE-style proposer arguments (chain: k; tree: depth, topk, budget)."""
+    if not opts.tree:
+        return {"mode": "chain", "k": int(opts.num_draft_tokens)}
+    tree = [int(b) for b in opts.tree]
+    budget, width = 0, 1
+    for b in tree:
+        width *= b
+        budget += width
+    return {"mode": "tree", "depth": len(tree), "topk": max(tree), "budget": budget}
+
+
+def _load_proposer(path: Path, target, opts):
+    drafter = load_any(path, target).to(target.device)
+    # A family that maps the verifier's options itself says so; otherwise the EAGLE mapping applies.
+    hook = getattr(drafter, "proposer_from_options", None)
+    if hook is not None:
+        return hook(target, opts)
+    return drafter.proposer(target, **proposer_kwargs(opts))
+
+
+try:
+    from specdistill.verify.loading import register_loader
+except ImportError:  # verifier not part of this build
+    register_loader = None
+if register_loader is not None:
+    register_loader(_claims, _load_proposer, "specdistill_native_or_checkpoint")

@@ -16,15 +16,16 @@ def load_any(path: str | Path, target_name: str = ""):
     """(drafter, target, run_cfg | None) from a run dir, step dir or native export dir."""
     import yaml
 
-    from specdistill import config, targets
+    from specdistill import config, export, targets
     from specdistill.export import native
 
     path = Path(path)
-    if native.is_native_dir(path):
-        meta = json.loads((path / "config.json").read_text())
+    if native.is_native_dir(path) or native.is_engine_export(path):
+        meta_file = "config.json" if native.is_native_dir(path) else "specdistill_export.json"
+        meta = json.loads((path / meta_file).read_text())
         name = target_name or ("default" if meta.get("target") == targets.DEFAULT_NAME else meta.get("target", ""))
         target = targets.load(name or "default")
-        return native.load(path, target), target, None
+        return export.load_any(path, target), target, None
     step = native.checkpoint_dir(path)
     if step is None:
         raise FileNotFoundError(f"{path}: neither a Trainer checkpoint (run dir with `latest`, or step_<n>/ with "
@@ -62,7 +63,7 @@ def cmd_export(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a trained drafter in the formats serving engines load",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("path", help="run dir (uses `latest`), step_<n>/ dir, or native export dir")
+    p.add_argument("path", help="run dir (uses `latest`), step_<n>/ dir, or a native/SGLang/vLLM export dir")
     p.add_argument("--formats", default="", help="comma-separated subset of native,sglang,vllm "
                    "(default: every format the drafter supports)")
     p.add_argument("--out", default="", help="export root (one folder per format); default <run dir>/export")

@@ -155,6 +155,7 @@ def metadata(drafter, target, fmt: str, dtype: str) -> dict:
         "format": fmt,
         "family": spec.name,
         "variant": getattr(drafter.cfg, "variant", None),
+        "drafter_config": drafter_config_dict(drafter),
         "target": target_name(target),
         "target_num_layers": int(target.num_layers),
         "layer_ids": layer_ids(drafter, target),

@@ -152,3 +152,37 @@ def load_checkpoint(path: str | Path, target, device: str | torch.device | None 
     if device is not None:
         drafter = drafter.to(device)
     return drafter.eval()
+
+
+def is_engine_export(path: str | Path) -> bool:
+    """An SGLang/vLLM directory written by specdistill (its metadata names the drafter config)."""
+    p = Path(path) / "specdistill_export.json"
+    if not p.is_file():
+        return False
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("format") in ("sglang", "vllm") and "drafter_config" in meta
+
+
+def load_engine_export(path: str | Path, target, device: str | torch.device | None = None):
+    """Rebuild the drafter from an SGLang or vLLM export this package wrote (to score exactly what ships)."""
+    path = Path(path)
+    meta = json.loads((path / "specdistill_export.json").read_text())
+    spec = drafters.get(meta["family"])
+    dcfg = _config._merge(spec.config_cls(), meta["drafter_config"], "drafter_config.")
+    drafter = drafters.build(dcfg, target)
+    sd = {("midlayer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v
+          for k, v in load_file(str(path / "model.safetensors")).items()}
+    want = drafter.export_state_dict() if hasattr(drafter, "export_state_dict") else drafter.state_dict()
+    own = set(drafter.state_dict())
+    missing = sorted(k for k in want if k not in sd and k not in ("d2t", "t2d") and k in own)
+    if missing:
+        raise ValueError(f"{path / 'model.safetensors'}: tensors missing for the drafter: {missing[:5]}")
+    if "d2t" in sd and hasattr(drafter, "set_vocab_map"):
+        drafter.set_vocab_map(sd["d2t"], sd["t2d"])
+    drafter.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    if device is not None:
+        drafter = drafter.to(device)
+    return drafter.eval()
