@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,24 +71,25 @@ def export_and_score(cfg, drafter, target, is_main: bool = True) -> dict[str, Pa
     for fmt, path in written.items():
         print(f"exported {fmt}: {path}")
     if cfg.eval.limit_per_category >= 0 and "native" in written:
-        result = score(drafter, target, cfg.eval, written["native"])
-        if result is not None:
-            for fmt, path in written.items():
-                if fmt != "native":
-                    (path / "eval.json").write_text((written["native"] / "eval.json").read_text())
+        score(cfg, written["native"])
+        # The engine exports hold the same weights: the card of each carries the same measurement.
+        for fmt, path in written.items():
+            if fmt != "native":
+                (path / "eval.json").write_text((written["native"] / "eval.json").read_text())
     return written
 
 
-def score(drafter, target, eval_cfg, out_dir: Path) -> dict | None:
-    """Run the speculative verifier on the question set and write eval.json + plot into out_dir."""
+def score(cfg, out_dir: Path) -> dict:
+    """Score an export directory exactly as `specdistill eval --drafter <dir>` does (eval.json + plot there)."""
+    import argparse
+
     from specdistill.verify import evaluate
 
-    drafter.eval()
-    proposer = drafter.proposer(target, mode="chain", k=eval_cfg.num_draft_tokens)
-    result = evaluate.run_eval(
-        target, proposer, questions=eval_cfg.questions, limit_per_category=eval_cfg.limit_per_category,
-        max_new_tokens=eval_cfg.max_new_tokens, temperature=0.0, out_dir=out_dir, drafter_name=str(out_dir),
-    )
-    summary = {k: result.get(k) for k in ("tau", "speedup", "identical_to_greedy")}
-    print("eval:", json.dumps(summary))
-    return result
+    e = cfg.eval
+    argv = ["--target", cfg.target.name, "--drafter", str(out_dir), "--limit-per-category", str(e.limit_per_category),
+            "--max-new-tokens", str(e.max_new_tokens), "--num-draft-tokens", str(e.num_draft_tokens)]
+    if e.questions != "spec_bench":
+        argv += ["--questions", e.questions]
+    ap = argparse.ArgumentParser(prog="specdistill eval")
+    evaluate.add_arguments(ap)
+    return evaluate.main(ap.parse_args(argv))
