@@ -163,6 +163,22 @@ def _draft_llama_config(tc, cfg: EagleConfig):
     )
 
 
+class EagleRMSNorm(nn.Module):
+    """Llama RMSNorm (state-dict name `weight`) that returns the input's dtype.
+
+    transformers' LlamaRMSNorm returns fp32 for bf16 input with an fp32 weight, which under bf16
+    autocast turns the whole residual stream back into fp32 and costs a cast before every matmul.
+    """
+
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x):
+        return _rms_norm(x, self.weight, self.eps)
+
+
 class EagleAttention(nn.Module):
     """GQA self-attention over an explicit key/value history, SDPA kernel, RoPE at given positions."""
 
@@ -204,22 +220,22 @@ class EagleDecoderLayer(nn.Module):
 
     def __init__(self, lc, fused: bool, input_norm: bool):
         super().__init__()
-        from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+        from transformers.models.llama.modeling_llama import LlamaMLP
 
         h, eps = lc.hidden_size, lc.rms_norm_eps
         self.fused = fused
         self.self_attn = EagleAttention(lc, 2 * h if fused else h)
         self.mlp = LlamaMLP(lc)
         if fused or input_norm:
-            self.input_layernorm = LlamaRMSNorm(h, eps)
+            self.input_layernorm = EagleRMSNorm(h, eps)
         if fused:
-            self.hidden_norm = LlamaRMSNorm(h, eps)
-        self.post_attention_layernorm = LlamaRMSNorm(h, eps)
+            self.hidden_norm = EagleRMSNorm(h, eps)
+        self.post_attention_layernorm = EagleRMSNorm(h, eps)
 
     def forward(self, hidden, embed, cos, sin, past_k=None, past_v=None, mask=None, causal=False):
         residual = hidden
         if self.fused:
-            x = torch.cat([self.input_layernorm(embed), self.hidden_norm(hidden)], -1)
+            x = torch.cat([self.input_layernorm(embed.to(hidden.dtype)), self.hidden_norm(hidden)], -1)
         elif hasattr(self, "input_layernorm"):
             x = self.input_layernorm(hidden)
         else:
@@ -239,7 +255,7 @@ class EagleDrafter(nn.Module):
 
     def __init__(self, cfg: EagleConfig, target):
         super().__init__()
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         self.cfg = cfg
         tc = target.config
@@ -275,7 +291,7 @@ class EagleDrafter(nn.Module):
         self.register_buffer("vocab_map_ready", torch.tensor(vd == v))
         self.register_buffer("draft_ids", torch.arange(vd), persistent=False)
         if eagle3:
-            self.norm = LlamaRMSNorm(h, self.eps)
+            self.norm = EagleRMSNorm(h, self.eps)
             self.lm_head = nn.Linear(h, vd, bias=False)
         self._init_weights(lc.initializer_range if hasattr(lc, "initializer_range") else 0.02)
 
@@ -512,12 +528,12 @@ class EagleProposer(Proposer):
     """
 
     def __init__(self, drafter: EagleDrafter, mode: str = "chain", k: int = 5, topk: int = 4,
-                 budget: int = 16, depth: int = 5):
+                 budget: int = 16, depth: int = 5, dtype: str = "auto"):
         if mode not in ("chain", "tree"):
             raise ValueError(f"EagleProposer mode ({mode!r}) must be chain or tree")
         if k < 1 or topk < 1 or budget < 1 or depth < 1:
             raise ValueError(f"EagleProposer: k ({k}), topk ({topk}), budget ({budget}), depth ({depth}) must be >= 1")
-        self.drafter = drafter
+        self.drafter = _drafting_copy(drafter, dtype)
         self.mode, self.k, self.topk, self.budget, self.depth = mode, k, topk, budget, depth
         self.target_layers = tuple(drafter.layer_ids)
         self.reset(None)
@@ -681,6 +697,27 @@ class EagleProposer(Proposer):
         tokens = self._to_target(torch.tensor([tok[n] for n in nodes], device=dev))
         parents = torch.tensor([new_index[par[n]] if par[n] >= 0 else -1 for n in nodes], dtype=torch.long)
         return DraftTree(tokens, parents)
+
+
+def _drafting_copy(drafter: EagleDrafter, dtype: str) -> EagleDrafter:
+    """The module the proposer runs: the drafter itself, or a frozen bf16 copy.
+
+    One draft step reads every weight once for a single token, so it is memory-bound: bf16 halves
+    the bytes, and CPUs with AVX512-BF16 run the (1, H) x (H, Vd) product ~2.5x faster than fp32
+    (measured here). "auto" picks bf16 on such CPUs. A copy does not follow later training steps.
+    """
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"EagleProposer dtype ({dtype!r}) must be auto, float32 or bfloat16")
+    w = next(drafter.parameters())
+    if dtype == "auto":
+        bf16_ok = w.device.type == "cpu" and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+        dtype = "bfloat16" if bf16_ok or w.dtype == torch.bfloat16 else "float32"
+    want = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    if w.dtype == want:
+        return drafter
+    import copy
+
+    return copy.deepcopy(drafter).to(want).eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------

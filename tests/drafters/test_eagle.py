@@ -16,6 +16,16 @@ from specdistill.verify.proposer import ProposerState
 LAYERS3 = [1, 2, 3]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny matmuls gain nothing from threads, and on a shared, loaded CPU the OpenMP barrier waits
+    # made them ~50x slower; restored afterwards so other test modules keep their setting.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def target():
     # 4 layers so EAGLE-3 has distinct low/mid/high features; seeded, built in-process. A random
@@ -148,7 +158,7 @@ def test_ttt_attention_matches_decode_time_drafting(target, batch, variant, monk
     ids = batch["input_ids"][0]
     hs = {i: h[0] for i, h in tout.hidden_states.items()}
     t = 9
-    pr = d.proposer(target, mode="chain", k=1)
+    pr = d.proposer(target, mode="chain", k=1, dtype="float32")
     with torch.no_grad():
         pr._commit(ProposerState(ids[: t + 2], {i: h[: t + 1] for i, h in hs.items()}))
         assert torch.allclose(pr.last_out, outs[0][0, t], atol=1e-5)
