@@ -53,7 +53,9 @@ class EagleConfig:
     hass_topk_weight: float = 1.0
     """Weight of the HASS top-K loss relative to the token loss."""
     hass_align_steps: int = 0
-    """HASS harmonized context alignment steps (paper: 3 total = 2 aligned); unroll = max(ttt_steps, 1 + this)."""
+    """HASS harmonized context alignment: steps counted as HASS does (step 1 = target features only); 0 = off.
+
+    Unroll length = max(ttt_steps, hass_align_steps): the alignment is the training-time test."""
     draft_vocab_size: int = 0
     """Draft vocabulary size Vd (EAGLE-3 uses 32000 of 128256); 0 = the full target vocabulary."""
     feature_loss_weight: float = -1.0
@@ -97,7 +99,7 @@ class EagleConfig:
     # inherits the other variant's derived numbers when config.py rebuilds the dataclass.
     def unroll_steps(self) -> int:
         ttt = self.ttt_steps or (3 if self.variant == "eagle3" else 1)
-        return max(ttt, 1 + self.hass_align_steps)
+        return max(ttt, self.hass_align_steps)
 
     def feature_weight(self) -> float:
         if self.feature_loss_weight >= 0:
@@ -341,6 +343,12 @@ class EagleDrafter(nn.Module):
                 "(specdistill.data.vocab) before training, or the draft ids silently mean the first Vd target ids")
 
     # -- Drafter contract --------------------------------------------------------------------
+
+    @staticmethod
+    def num_loss_tokens(batch) -> torch.Tensor:
+        """Tokens `loss` sums over (its `num_tokens`), countable before the forward for the Trainer's
+        global normaliser: assistant tokens with two earlier positions (feature f_{t} and token x_{t+1})."""
+        return batch["loss_mask"][:, 2:].sum()
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

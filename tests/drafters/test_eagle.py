@@ -69,8 +69,8 @@ def _target_out(target, d, batch, logits=False):
 VARIANTS = {
     "eagle1": dict(variant="eagle1"),
     "eagle3": dict(variant="eagle3", draft_vocab_size=64),
-    "eagle3_hass": dict(variant="eagle3", draft_vocab_size=64, hass_topk=8, hass_align_steps=3),
-    "eagle1_hass": dict(variant="eagle1", hass_topk=8, hass_align_steps=2),
+    "eagle3_hass": dict(variant="eagle3", draft_vocab_size=64, hass_topk=8, hass_align_steps=4),
+    "eagle1_hass": dict(variant="eagle1", hass_topk=8, hass_align_steps=3),
 }
 
 
@@ -108,7 +108,7 @@ def test_loss_contract_sums_and_metrics(target, batch):
     out = d.loss(batch, _target_out(target, d, batch))
     # Loss positions: loss_mask[p+1] == 1 with p >= 1.
     expected = int(batch["loss_mask"][:, 2:].sum())
-    assert out.num_tokens == expected
+    assert out.num_tokens == expected == int(d.num_loss_tokens(batch))
     assert int(out.metrics["tokens_step0"]) == expected
     assert int(out.metrics["tokens_step1"]) <= expected
     assert set(k for k in out.metrics if k.startswith("correct_step")) == {"correct_step0", "correct_step1"}
@@ -147,7 +147,7 @@ def test_ttt_step_feeds_own_previous_output(target, batch, monkeypatch):
 def test_ttt_attention_matches_decode_time_drafting(target, batch, variant, monkeypatch):
     """Unrolled step j at index t must equal what the proposer computes when drafting position t+j
     after committing positions 0..t with target features (extended causal+diagonal attention)."""
-    kw = dict(variant=variant, ttt_steps=3) if variant == "eagle3" else dict(variant=variant, hass_align_steps=2)
+    kw = dict(variant=variant, ttt_steps=3) if variant == "eagle3" else dict(variant=variant, hass_align_steps=3)
     d = _build(target, batch, **kw)
     outs = []
     orig = d.layers_forward
@@ -208,7 +208,9 @@ def test_config_errors_name_the_key(target):
         EagleDrafter(EagleConfig(), target)  # 4 layers: defaults [2, 2, 1] collide
     assert EagleConfig(variant="eagle1").resolved_layer_ids(30) == [30]
     assert EagleConfig().resolved_layer_ids(30) == [2, 15, 27]
-    assert EagleConfig(hass_align_steps=4).unroll_steps() == 5
+    assert EagleConfig(hass_align_steps=4).unroll_steps() == 4
+    assert EagleConfig(variant="eagle1", hass_align_steps=3).unroll_steps() == 3
+    assert EagleConfig(variant="eagle1").unroll_steps() == 1
     assert EagleConfig(variant="eagle1").token_weight() == 0.1
 
 
