@@ -201,3 +201,27 @@ def test_offline_loss_matches_online(tmp_path, kw):
     on = d.loss(batch, target(batch["input_ids"], batch["attention_mask"], layers=layers, return_logits=False))
     assert int(off.num_tokens) == int(on.num_tokens)
     assert torch.allclose(off.loss, on.loss, rtol=5e-4, atol=0), (off.loss, on.loss)  # measured ~7e-5 (bf16)
+
+
+def test_cli_features_then_open_for(tmp_path, sharegpt_file):
+    from conftest import make_llama, make_tokenizer
+
+    from specdistill import targets
+    from specdistill.cli import main
+    from specdistill.config import DataConfig
+
+    tdir = tmp_path / "tiny4"
+    make_llama(layers=4).save_pretrained(tdir)
+    make_tokenizer().save_pretrained(tdir)
+    root, prep = tmp_path / "feat", tmp_path / "prep"
+    args = ["data", "features", str(sharegpt_file), "--target", str(tdir), "--layers", "1,2", "--out", str(root),
+            "--max-length", "64", "--prepared-dir", str(prep), "--shard-samples", "8", "--check-argmax", "2"]
+    main(args + ["--max-shards", "1"])
+    target = targets.load(str(tdir))
+    dcfg = DataConfig(source=str(sharegpt_file), max_length=64, prepared_dir=str(prep))
+    with pytest.raises(FileNotFoundError, match="specdistill data features"):
+        features.open_for(dcfg, target, [1, 2], root=root)  # interrupted: incomplete cache is refused
+    main(args)  # resumes
+    train = features.open_for(dcfg, target, [2, 1], root=root, split="train")
+    val = features.open_for(dcfg, target, [1, 2], root=root, split="val")
+    assert len(train) + len(val) == 24 and len(train) > 0 and train.aux_layers == [1, 2]

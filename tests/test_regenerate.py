@@ -80,3 +80,19 @@ def test_output_path_keyed_by_settings(tiny_target, sharegpt_file):
     b = rg.output_path("root", str(sharegpt_file), tiny_target, {"max_new_tokens": 8, "temperature": 0.0})
     assert a != b and a.suffix == ".jsonl" and a.name.startswith("convs-")
     assert a == rg.output_path("root", str(sharegpt_file), tiny_target, {"max_new_tokens": 4, "temperature": 0.0})
+
+
+def test_cli_regenerate(tmp_path, sharegpt_file):
+    from conftest import make_llama, make_tokenizer
+
+    from specdistill.cli import main
+
+    tdir = tmp_path / "tiny"
+    make_llama().save_pretrained(tdir)
+    make_tokenizer().save_pretrained(tdir)
+    args = ["data", "regenerate", str(sharegpt_file), "--target", str(tdir), "--max-new-tokens", "3",
+            "--out", str(tmp_path / "out")]
+    main(args + ["--limit", "2"])
+    main(args + ["--limit", "3"])  # same key: continues the same file
+    files = list((tmp_path / "out").glob("convs-*.jsonl"))
+    assert len(files) == 1 and [r["id"] for r in _lines(files[0])] == ["c0", "c1", "c2"]

@@ -123,7 +123,7 @@ class Generator:
 
 
 def regenerate(conversations: Iterable, target, out_path: str | Path, *, max_new_tokens: int = 256,
-               temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, max_prompt_tokens: int = 2048,
+               temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, max_prompt_tokens: int = 512,
                seed: int = 0, limit: int = 0, progress: bool = False) -> dict:
     """Regenerate every assistant turn of `conversations` (Conversation objects or ShareGPT/OpenAI dicts)
     into `out_path` (append-only JSONL); returns counts and throughput of this call."""
@@ -174,6 +174,10 @@ def regenerate(conversations: Iterable, target, out_path: str | Path, *, max_new
                 stats["turns"] += 1
                 stats["finish_length"] += finish == "length"
             calls += 1
+            if progress:
+                el = time.time() - t0
+                print(f"[regenerate] round {calls}: {len(prompts)} turns, {gen.generated_tokens} tokens so far "
+                      f"({gen.generated_tokens / max(el, 1e-9):.1f} tok/s)", file=sys.stderr, flush=True)
         with open(out_path, "a", encoding="utf-8") as f:
             for c, (cid, _) in enumerate(batch):
                 # drop a trailing user turn left unanswered by a length cut
@@ -257,8 +261,9 @@ def register_data_subcommand(data_subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=8, help="conversations generated together")
-    p.add_argument("--max-prompt-tokens", type=int, default=2048,
-                   help="stop a conversation at the first turn whose prompt is longer")
+    p.add_argument("--max-prompt-tokens", type=int, default=512,
+                   help="stop a conversation at the first turn whose prompt is longer (training cuts samples "
+                        "at data.max_length anyway, default 512)")
     p.add_argument("--out", default=DEFAULT_ROOT, help="output folder (file name is keyed by target+source+settings)")
     p.add_argument("--output", default="", help="explicit output .jsonl (overrides --out's keyed name)")
     p.set_defaults(func=run)
