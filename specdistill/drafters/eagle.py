@@ -68,6 +68,8 @@ class EagleConfig:
     """Decoder layers of the drafter (EAGLE uses 1; SGLang/vLLM exports need 1)."""
     intermediate_size: int = 0
     """MLP width of the drafter layer; 0 = the target's."""
+    feature_noise: float = 0.0
+    """Half-width of uniform noise added to the target features while training (EAGLE-1 used 0.1)."""
     init_from_target: bool = True
     """Initialise the draft LM head (rows d2t) and final norm from the target's (eagle3)."""
 
@@ -92,6 +94,8 @@ class EagleConfig:
         if self.variant == "eagle3" and self.feature_loss_weight > 0:
             raise ConfigError("drafter.feature_loss_weight must be <= 0 for eagle3: its output hidden state is not in "
                               "the target's feature space (EAGLE-3 drops the feature loss, arXiv 2503.01840 Sec. 3)")
+        if self.feature_noise < 0:
+            raise ConfigError(f"drafter.feature_noise ({self.feature_noise}) must be >= 0")
         if self.hass_topk_weight < 0:
             raise ConfigError(f"drafter.hass_topk_weight ({self.hass_topk_weight}) must be >= 0")
 
@@ -456,6 +460,10 @@ class EagleDrafter(nn.Module):
         if t < 3:
             raise ValueError(f"EAGLE needs sequences of >= 3 tokens, got {t}")
         feats = self.target_features(target_out.hidden_states)[:, : t - 1]  # (B, T-1, k·H): index t uses f_t
+        if cfg.feature_noise > 0 and self.training:
+            # EAGLE-1 Sec. 4: U(-0.1, 0.1) noise on the input features makes the drafter robust to
+            # its own feature errors at decode time (the regression target stays clean).
+            feats = feats + torch.empty_like(feats).uniform_(-cfg.feature_noise, cfg.feature_noise)
         # Loss positions p: the target at p predicts token p+1, which must be an assistant token;
         # drafter index p-1 (step 0) predicts it, so p >= 1.
         sel = lmask[:, 1:].bool().clone()

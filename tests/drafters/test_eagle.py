@@ -67,7 +67,7 @@ def _target_out(target, d, batch, logits=False):
 
 
 VARIANTS = {
-    "eagle1": dict(variant="eagle1"),
+    "eagle1": dict(variant="eagle1", feature_noise=0.1),
     "eagle3": dict(variant="eagle3", draft_vocab_size=64),
     "eagle3_hass": dict(variant="eagle3", draft_vocab_size=64, hass_topk=8, hass_align_steps=4),
     "eagle1_hass": dict(variant="eagle1", hass_topk=8, hass_align_steps=3),
