@@ -79,17 +79,31 @@ def export_and_score(cfg, drafter, target, is_main: bool = True) -> dict[str, Pa
     return written
 
 
-def score(cfg, out_dir: Path) -> dict:
-    """Score an export directory exactly as `specdistill eval --drafter <dir>` does (eval.json + plot there)."""
+def score(cfg, drafter_dir: Path, out_dir: Path | None = None) -> dict:
+    """Score an export directory exactly as `specdistill eval --drafter <dir>` does; eval.json and the
+    plot go to `out_dir` (default: the export directory itself, where `publish` looks for them)."""
     import argparse
 
     from specdistill.verify import evaluate
 
     e = cfg.eval
-    argv = ["--target", cfg.target.name, "--drafter", str(out_dir), "--limit-per-category", str(e.limit_per_category),
-            "--max-new-tokens", str(e.max_new_tokens), "--num-draft-tokens", str(e.num_draft_tokens)]
+    argv = ["--target", cfg.target.name, "--drafter", str(drafter_dir), "--limit-per-category",
+            str(e.limit_per_category), "--max-new-tokens", str(e.max_new_tokens), "--num-draft-tokens",
+            str(e.num_draft_tokens), "--out", str(out_dir or drafter_dir)]
     if e.questions != "spec_bench":
         argv += ["--questions", e.questions]
     ap = argparse.ArgumentParser(prog="specdistill eval")
     evaluate.add_arguments(ap)
     return evaluate.main(ap.parse_args(argv))
+
+
+def compare(results: dict[str, dict]) -> str:
+    """A small side-by-side table of eval results (name -> eval.json dict)."""
+    rows = [f"{'drafter':<12}{'tau':>7}{'speed-up':>10}{'identical':>11}  alpha by draft position"]
+    for name, r in results.items():
+        o = r.get("overall", r)
+        alpha = " ".join("-" if a is None else f"{a:.2f}" for a in o.get("alpha", []))
+        ident = o.get("identical_to_greedy")
+        rows.append(f"{name:<12}{o.get('tau', float('nan')):>7.2f}{o.get('speedup', float('nan')):>9.2f}x"
+                    f"{str(ident):>11}  {alpha}")
+    return "\n".join(rows)
