@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import transformers
-
 from specdistill.export import common, contracts
 
 FORMAT = "sglang"
@@ -50,7 +48,7 @@ def build(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
         "pretraining_tp": 1,
         "tie_word_embeddings": False,
         "torch_dtype": dtype,
-        "transformers_version": transformers.__version__,
+        "transformers_version": _transformers_version(),
         "use_cache": True,
         "vocab_size": d["vocab_size"],
         "draft_vocab_size": d["draft_vocab_size"],
@@ -74,3 +72,9 @@ def write(drafter, target, out_dir: str | Path, dtype: str = "bfloat16") -> Path
         "model.safetensors": common.safetensors_writer(tensors),
         "specdistill_export.json": common.json_writer(meta),
     })
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import transformers
-
 from specdistill.export import common, contracts
 
 FORMAT = "vllm"
@@ -79,7 +77,7 @@ def build(drafter, target, dtype: str = "bfloat16", speculative_tokens: int = 3)
         "norm_before_residual": d["norm_before_residual"],
         "tie_word_embeddings": False,
         "torch_dtype": dtype,
-        "transformers_version": transformers.__version__,
+        "transformers_version": _transformers_version(),
         "transformer_layer_config": layer,
     }
     return cfg, tensors
@@ -94,3 +92,9 @@ def write(drafter, target, out_dir: str | Path, dtype: str = "bfloat16", specula
         "model.safetensors": common.safetensors_writer(tensors),
         "specdistill_export.json": common.json_writer(meta),
     })
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
