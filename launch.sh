@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # specdistill launcher: set up (or reuse) .venv, then run a recipe through `accelerate launch`.
 #
-#   ./launch.sh <recipe|demo|test> [--nproc N] [--cpu] [--nodes M --node-rank R --main-ip IP]
+#   ./launch.sh <recipe|demo|test|path.py> [--nproc N] [--cpu] [--nodes M --node-rank R --main-ip IP]
 #               [--main-port P] [--zero 2|3 | --fsdp] [--dry-run] [key=value ...]
 #
 #   ./launch.sh demo                          train + export + score on the embedded target (CPU)
@@ -122,7 +122,8 @@ if [ "$TASK" = test ]; then
 fi
 
 # ------------------------------------------------------------------ recipe
-RECIPE="recipes/$TASK.py"
+# A recipe name (recipes/<name>.py) or the path of a recipe file (e.g. one made by `specdistill cp`).
+if [[ "$TASK" == *.py ]] && [ -f "$TASK" ]; then RECIPE="$TASK"; else RECIPE="recipes/$TASK.py"; fi
 if [ ! -f "$RECIPE" ]; then
     avail=$(cd recipes && for f in *.py; do [ -f "$f" ] && printf '%s ' "${f%.py}"; done; true)
     die "unknown recipe '$TASK' (no $RECIPE); available: ${avail:-none} (or 'test')"
