@@ -130,6 +130,9 @@ def test_noisy_tree_and_random_draft_model_are_lossless(setup):
     draft = DraftModelProposer(make_llama(seed=7), num_draft_tokens=4)
     res = ver.generate(prompt, draft, max_new_tokens=40, eos_token_ids=NO_EOS)
     assert res.tokens == ref
+    draft = DraftModelProposer(make_llama(seed=7), num_draft_tokens=4, confidence_threshold=0.02)
+    res = ver.generate(prompt, draft, max_new_tokens=40, eos_token_ids=NO_EOS)
+    assert res.tokens == ref and min(res.draft_size_per_step) < 4  # some drafts stopped early
 
 
 def test_draft_model_that_is_the_target_is_always_accepted(setup):

@@ -204,7 +204,8 @@ def main(args) -> dict:
     target = targets.load(args.target)
     tree = parse_tree(args.tree)
     opts = ProposerOptions(num_draft_tokens=args.num_draft_tokens, tree=tree, temperature=args.temperature,
-                           top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                           top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                           confidence_threshold=args.draft_confidence)
     proposer = load_proposer(args.drafter, target, opts)
     qset = load_questions(args.questions, args.limit_per_category,
                           args.categories.split(",") if args.categories else None)
@@ -225,7 +226,7 @@ def main(args) -> dict:
         "questions": qset.path, "limit_per_category": args.limit_per_category, "limit": args.limit,
         "categories": args.categories, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
         "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "num_draft_tokens": args.num_draft_tokens,
-        "tree": list(tree) if tree else None, "baseline": not args.no_baseline,
+        "tree": list(tree) if tree else None, "draft_confidence": args.draft_confidence, "baseline": not args.no_baseline,
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "command": shlex.join(sys.argv), "seconds": time.time() - t0,
@@ -252,6 +253,8 @@ def add_arguments(p) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-draft-tokens", type=int, default=5, help="draft length / tree depth")
+    p.add_argument("--draft-confidence", type=float, default=0.0,
+                   help="draft models: stop a draft when its next token's probability is below this")
     p.add_argument("--tree", default=None, help="tree branching per depth, e.g. 3,2,1 (pld: branches = first)")
     p.add_argument("--no-baseline", action="store_true", help="skip plain decoding (no speed-up, no identity check)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -264,4 +267,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="score a drafter: tau, alpha, speed-up, losslessness",
                               description=__doc__.split("\n\n")[0])
     add_arguments(p)
-    p.set_defaults(func=main)
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    """Exit status 1 when a temperature-0 run was not identical to plain greedy decoding (a lossy drafter
+    path is a bug, and CI should see it)."""
+    result = main(args)
+    return 1 if result["overall"].get("identical_to_greedy") is False else 0

@@ -35,6 +35,8 @@ class ProposerOptions:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    confidence_threshold: float = 0.0
+    """Draft-model proposers stop a draft when their next token's probability is below this (0 = off)."""
 
 
 Loader = Callable[[Path, "object", ProposerOptions], Proposer]
@@ -110,7 +112,7 @@ def _is_hf_dir(path: Path) -> bool:
 
 def _load_hf_dir(path: Path, target, opts: ProposerOptions) -> Proposer:
     return DraftModelProposer(load_hf_model(str(path), target), opts.num_draft_tokens, opts.temperature,
-                              opts.top_p, opts.top_k, seed=opts.seed)
+                              opts.top_p, opts.top_k, seed=opts.seed, confidence_threshold=opts.confidence_threshold)
 
 
 register_loader(_is_hf_dir, _load_hf_dir, "hf_causal_lm")
@@ -135,10 +137,10 @@ def load_proposer(spec: str, target, options: ProposerOptions | None = None, **o
         except ValueError:
             raise ValueError(f"--drafter {spec}: expected truncated:<number of layers>") from None
         return DraftModelProposer(truncated_model(target, n), o.num_draft_tokens, o.temperature, o.top_p,
-                                  o.top_k, seed=o.seed)
+                                  o.top_k, seed=o.seed, confidence_threshold=o.confidence_threshold)
     if spec.startswith("hf:"):
         return DraftModelProposer(load_hf_model(spec[3:], target), o.num_draft_tokens, o.temperature,
-                                  o.top_p, o.top_k, seed=o.seed)
+                                  o.top_p, o.top_k, seed=o.seed, confidence_threshold=o.confidence_threshold)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--drafter {spec}: not pld, hf:<model>, truncated:<n>, nor an existing path")

@@ -81,14 +81,20 @@ class DraftModelProposer(Proposer):
     Keeps its own KV cache over the committed tokens; after a rejection it crops the cache back to
     the longest prefix still committed, so accepted tokens are never recomputed. With temperature > 0
     it samples from its own warped distribution and reports it in `DraftTree.probs`.
+
+    `confidence_threshold` > 0 stops a draft early once the draft's own probability of its next
+    token falls below it (the dynamic draft length of HF assisted generation): low-confidence
+    tokens are mostly rejected, so drafting them only costs time. The stopping rule looks at draft
+    quantities only, so sampling stays lossless.
     """
 
     def __init__(self, model, num_draft_tokens: int = 5, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None):
+                 top_k: int = 0, seed: int | None = None, confidence_threshold: float = 0.0):
         if num_draft_tokens < 1:
             raise ValueError(f"DraftModelProposer: num_draft_tokens must be >= 1, got {num_draft_tokens}")
         self.model = model.eval()
         self.k = num_draft_tokens
+        self.confidence_threshold = confidence_threshold
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.device = next(model.parameters()).device
@@ -118,17 +124,24 @@ class DraftModelProposer(Proposer):
             self.cache.crop(keep - self.fed.numel())
         logits = self._step(toks[keep:])
         drafted: list[int] = []
+        fed: list[int] = []
         rows = []
         for j in range(self.k):
             if self.temperature > 0:
                 q = sampling.warp(logits, self.temperature, self.top_p, self.top_k)
                 x = int(torch.multinomial(q, 1, generator=self.generator))
                 rows.append(q)
+                conf = float(q[x])
             else:
                 x = int(logits.argmax())
+                conf = float(torch.softmax(logits.float(), -1)[x]) if self.confidence_threshold > 0 else 1.0
+            if j > 0 and conf < self.confidence_threshold:
+                rows = rows[:j]
+                break
             drafted.append(x)
             if j + 1 < self.k:
                 logits = self._step(torch.tensor([x]))
-        self.fed = torch.cat([toks, torch.tensor(drafted[:-1], dtype=torch.long)])
+                fed.append(x)
+        self.fed = torch.cat([toks, torch.tensor(fed, dtype=torch.long)])
         probs = torch.stack(rows) if rows else None
         return DraftTree.chain(drafted, probs)
