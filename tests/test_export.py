@@ -220,6 +220,7 @@ def _vio(fmt, d4, target4, mutate):
     ("no_ids", "eagle_aux_hidden_state_layer_ids"),
     ("dup_ids", "duplicate"),
     ("range_ids", "out of range"),
+    ("order_ids", "ascending"),
     ("bad_d2t", "d2t"),
     ("embed", "embed_tokens"),
     ("q_in", "q_proj"),
@@ -247,6 +248,8 @@ def test_violations_caught(fmt, case, match, d4, target4):
             ids_node(cfg)[ids_key] = [1, 1, 3]
         elif case == "range_ids":
             ids_node(cfg)[ids_key] = [1, 2, 4]
+        elif case == "order_ids":
+            ids_node(cfg)[ids_key] = [3, 1, 2]
         elif case == "bad_d2t":
             t["d2t"] = t["d2t"].flip(0)
         elif case == "embed":

@@ -414,9 +414,9 @@ def run(args) -> int:
     dcfg = data_config(args)
     path, train, val, summary = dir_for(dcfg, target, layers, args.out)
     splits = {"train": train} if args.splits == "train" else {"train": train, "val": val}
+    ntok = sum(int(ds.lengths.sum()) for ds in splits.values() if hasattr(ds, "lengths"))
     print(f"[features] {path}: layers {layers}, {len(train)} train / {len(val)} val samples, "
-          f"{summary['all'].get('tokens', '?') if isinstance(summary.get('all'), dict) else '?'} tokens",
-          file=sys.stderr)
+          f"{ntok} tokens to cache ({', '.join(splits)})", file=sys.stderr)
     t0 = time.time()
     before = sum(v["tokens"] for v in json.loads((path / "manifest.json").read_text())["shards"].values()) \
         if (path / "manifest.json").exists() else 0

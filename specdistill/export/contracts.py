@@ -40,7 +40,8 @@ def _eq(cfg: dict, key: str, want, where: str):
     return got
 
 
-def check_layer_ids(ids, num_target_layers: int, where: str, key: str, count: int = 3) -> list[int]:
+def check_layer_ids(ids, num_target_layers: int, where: str, key: str, count: int = 3,
+                    ascending: bool = True) -> list[int]:
     """Aux ids: `count` distinct ints, each a capture-before-layer id 0 <= i < N (targets.py convention)."""
     if not isinstance(ids, (list, tuple)) or not ids:
         raise ContractError(f"{where}: {key!r} must be an explicit non-empty list of layer ids, got {ids!r}")
@@ -52,6 +53,9 @@ def check_layer_ids(ids, num_target_layers: int, where: str, key: str, count: in
     if bad:
         raise ContractError(f"{where}: {key!r} ids {bad} out of range: engines capture the state entering "
                             f"layer i, so ids must be in 0..{num_target_layers - 1} for a {num_target_layers}-layer target")
+    if ascending and list(ids) != sorted(ids):
+        raise ContractError(f"{where}: {key!r} {list(ids)} must be ascending: engines capture the states while "
+                            "running the layers in order and concatenate them in that order for fc")
     if count and len(ids) != count:
         raise ContractError(f"{where}: {key!r} must name {count} layers (fc input is {count} x target hidden), got {list(ids)}")
     return list(ids)

@@ -58,7 +58,8 @@ def check(cfg: dict, tensors: dict, num_target_layers: int) -> None:
     if cfg["family"] not in drafters.REGISTRY:
         raise contracts.ContractError(f"{where}: family {cfg['family']!r} is not a registered drafter")
     if cfg["layer_ids"]:
-        contracts.check_layer_ids(cfg["layer_ids"], num_target_layers + 1, where, "layer_ids", count=0)
+        contracts.check_layer_ids(cfg["layer_ids"], num_target_layers + 1, where, "layer_ids", count=0,
+                                  ascending=False)
     try:
         json.dumps(cfg)
     except TypeError as e:
