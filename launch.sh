@@ -151,7 +151,7 @@ ACC=(accelerate launch)
 ENVV=()
 if [ -n "$ZERO" ]; then
     CONF="zero$ZERO.yaml"
-    "$PY" -c 'import deepspeed' >/dev/null 2>&1 || die "--zero needs DeepSpeed: $PY -m pip install -e '.[deepspeed]'"
+    "$PY" -c 'import importlib.util as u; assert u.find_spec("deepspeed")' >/dev/null 2>&1 || die "--zero needs DeepSpeed: $PY -m pip install -e '.[deepspeed]'"
     # No --cpu here: accelerate's --cpu bypasses the DeepSpeed launcher. Without a GPU, DeepSpeed
     # selects its CPU accelerator itself (gloo); the Trainer names the backend for accelerate.
     [ "$CPU" = 1 ] && ENVV+=(DS_ACCELERATOR=cpu)
