@@ -55,6 +55,7 @@ class Plan:
     micro_batch: int
     seq_len: int
     rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> float:
@@ -66,7 +67,7 @@ class Plan:
             "drafter_params": self.drafter_params, "devices": self.devices, "topology": self.topology,
             "micro_batch": self.micro_batch, "seq_len": self.seq_len,
             "per_device_bytes": {r.name: int(round(r.bytes)) for r in self.rows},
-            "total_bytes": int(round(self.total)),
+            "total_bytes": int(round(self.total)), "notes": self.notes,
         }
 
 
@@ -205,6 +206,11 @@ def make_plan(target: str, gpus: int, zero: int = 0, fsdp: bool = False, drafter
     n_dlayers = max(1, int(getattr(dcfg, "num_layers", 1) or 1))
     act_b = 2 if mixed else 4
     shard_note = f" / {N} (sharded)" if shard_t and N > 1 else " (replicated)"
+    notes = []
+    if shard_t and N > 1:
+        notes.append("target weights sharded: the frozen target must be loaded under ZeRO-3/FSDP inference "
+                     "(docs/distributed.md, 'Big targets'); `targets.load` alone replicates it on every device "
+                     "(--shard-target no shows that)")
 
     rows = [
         Row("target weights (frozen)", p_target * tb / (N if shard_t else 1),
@@ -225,7 +231,8 @@ def make_plan(target: str, gpus: int, zero: int = 0, fsdp: bool = False, drafter
     name = getattr(hf, "_name_or_path", "") or target
     return Plan(target=str(name), target_params=p_target, drafter=f"{drafter}"
                 + (f" ({dcfg.variant})" if hasattr(dcfg, "variant") else ""), drafter_params=p_draft,
-                devices=N, topology=topo, micro_batch=B, seq_len=T, rows=rows)
+                devices=N, topology=topo, micro_batch=B, seq_len=T, rows=rows,
+                notes=notes)
 
 
 def render(plan: Plan) -> str:
@@ -242,6 +249,7 @@ def render(plan: Plan) -> str:
     for r in plan.rows:
         lines.append(f"{r.name:<{w}}{human(r.bytes):>14}  {r.formula}")
     lines.append(f"{'total':<{w}}{human(plan.total):>14}  (+ ~1 GiB CUDA context / allocator slack per GPU)")
+    lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
 
