@@ -96,3 +96,27 @@ def test_cli_regenerate(tmp_path, sharegpt_file):
     main(args + ["--limit", "3"])  # same key: continues the same file
     files = list((tmp_path / "out").glob("convs-*.jsonl"))
     assert len(files) == 1 and [r["id"] for r in _lines(files[0])] == ["c0", "c1", "c2"]
+
+
+def test_finished_conversations_survive_an_interruption(tmp_path, tiny_target, tiny_conversations, monkeypatch):
+    short = {"id": "s", "conversations": tiny_conversations[0]["conversations"][:2]}
+    long = dict(tiny_conversations[1], id="l")
+    real = rg.Generator.generate
+    calls = []
+
+    def flaky(self, prompts, call_index=0):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, prompts, call_index)
+
+    monkeypatch.setattr(rg.Generator, "generate", flaky)
+    out = tmp_path / "r.jsonl"
+    try:
+        rg.regenerate([short, long], tiny_target, out, max_new_tokens=3, batch_size=2)
+    except KeyboardInterrupt:
+        pass
+    assert [r["id"] for r in _lines(out)] == ["s"]  # written the moment its only turn was done
+    monkeypatch.setattr(rg.Generator, "generate", real)
+    s = rg.regenerate([short, long], tiny_target, out, max_new_tokens=3, batch_size=2)
+    assert s["skipped_done"] == 1 and [r["id"] for r in _lines(out)] == ["s", "l"]

@@ -10,8 +10,9 @@ batched, left-padded HF `generate` across conversations.
 Output: `data/regenerated/<source>-<key>.jsonl`, one ShareGPT record a line (a valid `data.source`):
     {"id", "conversations": [{"from": "system"|"human"|"gpt", "value"}], "regenerated": {...}}
 The key hashes the target, the source and the generation settings (not --limit), so a later run
-with a larger --limit continues the same file. The file is append-only and flushed per
-conversation; a restart skips the ids already in it and drops a half-written last line.
+with a larger --limit continues the same file. The file is append-only; each conversation is
+written (and fsynced) the moment its last turn is done, and its slot in the batch is refilled
+(continuous batching). A restart skips the ids already in the file and drops a half-written last line.
 """
 
 from __future__ import annotations
@@ -133,85 +134,94 @@ def regenerate(conversations: Iterable, target, out_path: str | Path, *, max_new
     gen = Generator(target, max_new_tokens, temperature, top_p, seed)
     stats = {"written": 0, "skipped_done": 0, "skipped_no_turn": 0, "turns": 0, "turns_cut_by_length": 0,
              "finish_length": 0}
+    if batch_size < 1:
+        raise ValueError(f"batch_size ({batch_size}) must be >= 1")
     t0 = time.time()
     calls = 0
     seen = 0
-    pending: list = []
+    it = iter(conversations)
+    exhausted = False
+    pool: list[dict] = []
 
-    def flush(batch):
-        nonlocal calls
-        # Each conversation keeps its regenerated history; all conversations advance one turn per round.
-        hist = [[] for _ in batch]
-        cursor = [0] * len(batch)
-        meta = [{"finish": [], "new_tokens": 0} for _ in batch]
-        active = list(range(len(batch)))
-        while active:
-            prompts, who = [], []
-            for c in list(active):
-                msgs = batch[c][1]
-                k = cursor[c]
-                while k < len(msgs) and msgs[k]["role"] != "assistant":
-                    hist[c].append(msgs[k])
-                    k += 1
-                cursor[c] = k
-                if k >= len(msgs) or not any(m["role"] == "user" for m in hist[c]):
-                    active.remove(c)
-                    continue
-                p = gen.prompt_ids(hist[c])
-                if len(p) > max_prompt_tokens:
-                    stats["turns_cut_by_length"] += 1
-                    active.remove(c)
-                    continue
-                prompts.append(p)
-                who.append(c)
-            if not prompts:
-                break
-            for c, (text, finish, n) in zip(who, gen.generate(prompts, calls)):
-                hist[c].append({"role": "assistant", "content": text})
-                cursor[c] += 1
-                meta[c]["finish"].append(finish)
-                meta[c]["new_tokens"] += n
-                stats["turns"] += 1
-                stats["finish_length"] += finish == "length"
-            calls += 1
-            if progress:
-                el = time.time() - t0
-                print(f"[regenerate] round {calls}: {len(prompts)} turns, {gen.generated_tokens} tokens so far "
-                      f"({gen.generated_tokens / max(el, 1e-9):.1f} tok/s)", file=sys.stderr, flush=True)
+    def refill():
+        nonlocal seen, exhausted
+        while len(pool) < batch_size and not exhausted:
+            try:
+                conv = next(it)
+            except StopIteration:
+                exhausted = True
+                return
+            seen += 1
+            if limit and seen > limit:
+                exhausted = True
+                return
+            cid, msgs = _as_messages(conv)
+            if cid in done:
+                stats["skipped_done"] += 1
+                continue
+            pool.append({"id": cid, "msgs": msgs, "hist": [], "cursor": 0, "finish": [], "new_tokens": 0})
+
+    def next_prompt(st) -> list[int] | None:
+        """Move the conversation's non-assistant messages into its history; the next prompt or None if done."""
+        msgs, k = st["msgs"], st["cursor"]
+        while k < len(msgs) and msgs[k]["role"] != "assistant":
+            st["hist"].append(msgs[k])
+            k += 1
+        st["cursor"] = k
+        if k >= len(msgs) or not any(m["role"] == "user" for m in st["hist"]):
+            return None
+        p = gen.prompt_ids(st["hist"])
+        if len(p) > max_prompt_tokens:
+            stats["turns_cut_by_length"] += 1
+            return None
+        return p
+
+    def write(st):
+        hist = st["hist"]
+        while hist and hist[-1]["role"] != "assistant":  # an unanswered trailing user turn
+            hist.pop()
+        if not any(m["role"] == "assistant" for m in hist):
+            stats["skipped_no_turn"] += 1
+            return
+        rec = {"id": st["id"], "conversations": [{"from": _FROM[m["role"]], "value": m["content"]} for m in hist],
+               "regenerated": {"turns": len(st["finish"]), "finish": st["finish"], "new_tokens": st["new_tokens"],
+                               "temperature": temperature}}
         with open(out_path, "a", encoding="utf-8") as f:
-            for c, (cid, _) in enumerate(batch):
-                # drop a trailing user turn left unanswered by a length cut
-                while hist[c] and hist[c][-1]["role"] != "assistant":
-                    hist[c].pop()
-                if not any(m["role"] == "assistant" for m in hist[c]):
-                    stats["skipped_no_turn"] += 1
-                    continue
-                rec = {"id": cid, "conversations": [{"from": _FROM[m["role"]], "value": m["content"]} for m in hist[c]],
-                       "regenerated": {"turns": len(meta[c]["finish"]), "finish": meta[c]["finish"],
-                                       "new_tokens": meta[c]["new_tokens"], "temperature": temperature}}
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                stats["written"] += 1
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        stats["written"] += 1
+
+    # Continuous batching: every round each conversation in the pool answers its next user turn; a
+    # finished conversation is written at once (the resume unit) and its slot refilled.
+    while True:
+        refill()
+        if not pool:
+            break
+        prompts, who = [], []
+        for st in list(pool):
+            p = next_prompt(st)
+            if p is None:
+                write(st)
+                pool.remove(st)
+            else:
+                prompts.append(p)
+                who.append(st)
+        if not prompts:
+            continue
+        for st, (text, finish, n) in zip(who, gen.generate(prompts, calls)):
+            st["hist"].append({"role": "assistant", "content": text})
+            st["cursor"] += 1
+            st["finish"].append(finish)
+            st["new_tokens"] += n
+            stats["turns"] += 1
+            stats["finish_length"] += finish == "length"
+        calls += 1
         if progress:
             el = time.time() - t0
-            print(f"[regenerate] {stats['written']} conversations, {gen.generated_tokens} tokens "
-                  f"({gen.generated_tokens / max(el, 1e-9):.1f} tok/s)", file=sys.stderr, flush=True)
-
-    for conv in conversations:
-        cid, msgs = _as_messages(conv)
-        seen += 1
-        if limit and seen > limit:
-            break
-        if cid in done:
-            stats["skipped_done"] += 1
-            continue
-        pending.append((cid, msgs))
-        if len(pending) >= batch_size:
-            flush(pending)
-            pending = []
-    if pending:
-        flush(pending)
+            print(f"[regenerate] round {calls}: {len(prompts)} turns, {stats['written']} conversations written, "
+                  f"{gen.generated_tokens} tokens ({gen.generated_tokens / max(el, 1e-9):.1f} tok/s)",
+                  file=sys.stderr, flush=True)
     secs = time.time() - t0
     stats.update(path=str(out_path), seconds=round(secs, 2), generated_tokens=gen.generated_tokens,
                  tokens_per_second=round(gen.generated_tokens / secs, 2) if secs > 0 else None,
