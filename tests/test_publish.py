@@ -14,14 +14,29 @@ from specdistill.export import card, hub
 
 FAKE_TOKEN = "hf_FAKEfakeFAKEfake0123456789abcdefXYZ"
 
+
+def _fig(tau, alpha, tps, base_tps, speedup, n):
+    """One block of figures in the shape `specdistill eval` writes (verify/evaluate.py, metrics.summarize)."""
+    return {"generations": n, "new_tokens": 64 * n, "target_passes": int(64 * n / tau), "tau": tau, "alpha": alpha,
+            "draft_tokens": 300, "draft_tokens_accepted": 120, "draft_efficiency": 0.4, "wall_time_s": 3.2,
+            "draft_time_s": 0.5, "verify_time_s": 2.7, "tokens_per_s": tps,
+            "baseline": {"generations": n, "new_tokens": 64 * n, "tau": 1.0, "tokens_per_s": base_tps},
+            "speedup": speedup}
+
+
 EVAL = {
-    "command": "specdistill eval checkpoints/run/export/vllm eval.limit_per_category=2 eval.max_new_tokens=64",
-    "questions": "spec_bench", "num_draft_tokens": 4, "temperature": 0.0, "max_new_tokens": 64,
-    "per_category": {
-        "writing": {"tau": 2.3456, "alpha": [0.61, 0.42, 0.3], "speedup": 1.41, "num_questions": 2},
-        "math_reasoning": {"tau": 3.125, "alpha": [0.8, 0.66, 0.5], "speedup": 1.87, "num_questions": 2},
+    "overall": dict(_fig(2.7353, [0.7, 0.54, 0.4], 55.5, 33.8, 1.64, 4), identical_to_greedy=True,
+                    identical_questions="4/4"),
+    "categories": {
+        "writing": dict(_fig(2.3456, [0.61, 0.42, 0.3], 47.2, 33.5, 1.41, 2), questions=2),
+        "math_reasoning": dict(_fig(3.125, [0.8, 0.66, 0.5], 63.1, 33.7, 1.87, 2), questions=2),
     },
-    "overall": {"tau": 2.7353, "alpha": [0.7, 0.54, 0.4], "speedup": 1.64, "num_questions": 4},
+    "questions": [{"question_id": 1, "category": "writing", "turns": [], "identical_to_greedy": True}],
+    "settings": {
+        "target": "tiny-llama", "questions": "spec_bench", "limit_per_category": 2, "max_new_tokens": 64,
+        "temperature": 0.0, "num_draft_tokens": 4, "torch_threads": 2,
+        "command": "specdistill eval --drafter checkpoints/run/export/vllm --limit-per-category 2",
+    },
 }
 
 
@@ -80,9 +95,14 @@ def test_to_dir_writes_complete_repository_and_card(run_dir, tmp_path):
     assert fm["base_model"] == "tiny-llama"
     assert "speculative-decoding" in fm["tags"] and "eagle3" in fm["tags"]
     # measured numbers and the exact command come from eval.json
-    assert EVAL["command"] in text
-    assert "| writing | 2.346 | 0.610, 0.420, 0.300 | 1.410 | 2 |" in text
-    assert "| **overall** | 2.735 |" in text and "1.640" in text
+    assert EVAL["settings"]["command"] in text
+    head = "| category | questions | generations | new_tokens | tau | alpha | draft_efficiency | tokens_per_s " \
+           "| baseline_tokens_per_s | speedup | identical_to_greedy | identical_questions |"
+    assert head in text
+    assert "| writing | 2 | 2 | 128 | 2.346 | 0.610, 0.420, 0.300 | 0.400 | 47.200 | 33.500 | 1.410 |  |  |" in text
+    assert "| **overall** |  | 4 | 256 | 2.735 | 0.700, 0.540, 0.400 | 0.400 | 55.500 | 33.800 | 1.640 | true | 4/4 |" \
+        in text
+    assert "num_draft_tokens = 4" in text and "[{" not in text  # settings, not the per-question records
     # training facts from the run's config.yaml and latest trainer_state.json
     assert "convs.jsonl" in text and "| training steps | 7 |" in text and "12,345" in text
     assert "2 x 2 accumulation x 2 processes" in text

@@ -21,10 +21,11 @@ from typing import Any
 
 import yaml
 
-# Preferred column order of the eval table; other numeric keys follow in file order.
-_METRIC_ORDER = ["tau", "mean_accepted_tokens", "accept_length", "alpha", "acceptance_rate", "speedup",
-                 "speed_up", "tokens_per_s", "draft_tokens_per_s", "baseline_tokens_per_s", "num_questions",
-                 "new_tokens", "wall_time", "baseline_wall_time"]
+# Columns of the eval table when eval.json has them (specdistill eval's keys), in this order; an
+# eval.json with none of them gets every numeric key instead.
+_METRIC_ORDER = ["questions", "num_questions", "generations", "new_tokens", "tau", "mean_accepted_tokens", "alpha",
+                 "draft_efficiency", "tokens_per_s", "baseline_tokens_per_s", "speedup", "speed_up",
+                 "identical_to_greedy", "identical_questions"]
 _CATEGORY_KEYS = ("per_category", "categories", "by_category", "category")
 _OVERALL_KEYS = ("overall", "summary", "total", "all", "metrics")
 
@@ -125,7 +126,7 @@ def speculative_tokens(inp: CardInputs) -> int:
         return int(k[0]["speculative_tokens"])
     ev = inp.eval or {}
     for key in ("num_draft_tokens", "num_speculative_tokens", "k"):
-        v = ev.get(key, _get(ev, "config", key))
+        v = _setting(ev, key)
         if isinstance(v, int) and v > 0:
             return v
     return 3
@@ -157,12 +158,20 @@ def _fmt(v) -> str:
 
 
 def _is_metric(v) -> bool:
-    if isinstance(v, bool):
-        return False
     if isinstance(v, (int, float)):
         return True
     return isinstance(v, (list, tuple)) and 0 < len(v) <= 16 and all(
         isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+def _flatten(m: dict) -> dict:
+    """Metrics of one row; a nested `baseline` block contributes `baseline_<key>`."""
+    out = dict(m)
+    base = m.get("baseline")
+    if isinstance(base, dict):
+        for k, v in base.items():
+            out.setdefault(f"baseline_{k}", v)
+    return out
 
 
 def eval_rows(ev: dict) -> list[tuple[str, dict]]:
@@ -172,23 +181,34 @@ def eval_rows(ev: dict) -> list[tuple[str, dict]]:
     if isinstance(cats, dict):
         for name, m in cats.items():
             if isinstance(m, dict):
-                rows.append((str(name), {k: v for k, v in m.items() if _is_metric(v)}))
+                rows.append((str(name), {k: v for k, v in _flatten(m).items() if _is_metric(v)}))
     elif isinstance(cats, list):
         for m in cats:
             if isinstance(m, dict):
                 name = m.get("category", m.get("name", "?"))
-                rows.append((str(name), {k: v for k, v in m.items() if _is_metric(v) and k != "category"}))
+                rows.append((str(name), {k: v for k, v in _flatten(m).items() if _is_metric(v) and k != "category"}))
     overall = next((ev[k] for k in _OVERALL_KEYS if isinstance(ev.get(k), dict)), None)
     if overall is None:
         overall = {k: v for k, v in ev.items() if _is_metric(v)}
-    overall = {k: v for k, v in overall.items() if _is_metric(v)}
+    overall = {k: v for k, v in _flatten(overall).items()
+               if _is_metric(v) or (k == "identical_questions" and isinstance(v, str))}
     if overall:
         rows.append(("overall", overall))
     return rows
 
 
+def _setting(ev: dict, key: str):
+    """A run setting: eval.json's `settings` block first (specdistill eval), then `config`, then the top level."""
+    for block in ("settings", "config", "meta"):
+        v = _get(ev, block, key)
+        if v is not None:
+            return v
+    v = ev.get(key)
+    return v if not isinstance(v, (list, dict)) or key in ("command", "argv") else None
+
+
 def eval_command(ev: dict) -> str | None:
-    cmd = ev.get("command") or ev.get("cmd") or ev.get("argv") or _get(ev, "meta", "command")
+    cmd = _setting(ev, "command") or _setting(ev, "cmd") or _setting(ev, "argv")
     if isinstance(cmd, list):
         import shlex
 
@@ -205,8 +225,9 @@ def eval_table(ev: dict) -> str:
         for k in m:
             if k not in cols:
                 cols.append(k)
-    first_seen = {c: i for i, c in enumerate(cols)}
-    cols.sort(key=lambda c: (_METRIC_ORDER.index(c) if c in _METRIC_ORDER else len(_METRIC_ORDER), first_seen[c]))
+    known = [c for c in _METRIC_ORDER if c in cols]
+    if known:
+        cols = known
     out = ["| category | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in rows:
         label = f"**{name}**" if name == "overall" else name
@@ -215,11 +236,11 @@ def eval_table(ev: dict) -> str:
 
 
 def _eval_settings(ev: dict) -> list[str]:
-    keys = ("questions", "prompts", "limit_per_category", "max_new_tokens", "num_draft_tokens", "temperature",
-            "tree", "device", "machine", "dtype")
+    keys = ("target", "questions", "limit_per_category", "max_new_tokens", "num_draft_tokens", "tree", "temperature",
+            "top_p", "proposer", "machine", "torch_threads", "torch")
     out = []
     for k in keys:
-        v = ev.get(k, _get(ev, "config", k))
+        v = _setting(ev, k)
         if v not in (None, "", [], {}):
             out.append(f"{k} = {_fmt(v)}")
     return out
