@@ -66,7 +66,10 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-vocab", type=int, default=8192)
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import specdistill.drafters.eagle  # noqa: F401  (registers the family)
     from specdistill import config, data, drafters, targets

@@ -406,6 +406,8 @@ def argmax_agreement(dataset: FeatureDataset, target, max_samples: int = 8) -> d
 
 
 def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from specdistill import targets
     from specdistill.data.cli import data_config
 
@@ -454,4 +456,6 @@ def register_data_subcommand(data_subparsers) -> None:
     p = data_subparsers.add_parser("features", help="cache the target's hidden states for offline training",
                                    description=__doc__.split("\n\n")[0])
     add_arguments(p)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default); 1 is much faster when other jobs share the cores")
     p.set_defaults(func=run)

@@ -239,6 +239,8 @@ def _as_messages(conv) -> tuple[str, list[dict]]:
 
 
 def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from specdistill import targets
     from specdistill.data.sources import iter_conversations
     from specdistill.data.stats import SkipCounter
@@ -276,4 +278,6 @@ def register_data_subcommand(data_subparsers) -> None:
                         "at data.max_length anyway, default 512)")
     p.add_argument("--out", default=DEFAULT_ROOT, help="output folder (file name is keyed by target+source+settings)")
     p.add_argument("--output", default="", help="explicit output .jsonl (overrides --out's keyed name)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default); 1 is much faster when other jobs share the cores")
     p.set_defaults(func=run)
