@@ -88,7 +88,7 @@ def setup(tmp_path_factory):
     overrides = [
         f"target.name={target}", f"data.source={convs}", f"data.prepared_dir={root / 'prepared'}",
         "data.max_length=48", "data.val_fraction=0.1", "data.min_loss_tokens=2",
-        "drafter.name=eagle", "drafter.variant=eagle3", "drafter.layer_ids=[1,2,3]",
+        "drafter.name=eagle", "drafter.variant=eagle3", "drafter.layer_ids=[1,2,3]", "drafter.draft_vocab_size=0",
         "train.lr=1e-2", "train.warmup_steps=0", "train.min_lr_ratio=1.0", "train.grad_clip=1.0",
         "train.save_every=0", "train.eval_every=0", "train.log_every=1", "train.trackers=[none]",
         "train.progress=false", "train.mixed_precision=no", "train.seed=0",
