@@ -142,6 +142,17 @@ def test_draft_model_that_is_the_target_is_always_accepted(setup):
     assert res.tokens == ref and all(a == 4 for a in res.accepted_per_step[:-1])
 
 
+def test_draft_model_tree_is_lossless(setup):
+    target, ver, prompt, ref = setup
+    res = ver.generate(prompt, DraftModelProposer(make_llama(seed=7), tree=(3, 2, 1)), max_new_tokens=30,
+                       eos_token_ids=NO_EOS)
+    assert res.tokens == ref[:30] and res.draft_size_per_step[0] == 3 + 6 + 6
+    # The target as its own tree draft: its top-1 child is always right, so tau = depth + 1.
+    res = ver.generate(prompt, DraftModelProposer(target.model, tree=(2, 2, 1)), max_new_tokens=30,
+                       eos_token_ids=NO_EOS)
+    assert res.tokens == ref[:30] and all(a == 4 for a in res.accepted_per_step[:-1])
+
+
 def test_prompt_lookup_is_lossless_and_drafts_repeats(setup):
     target, ver, prompt, ref = setup
     rep = prompt + prompt + prompt[:6]

@@ -112,7 +112,7 @@ def _is_hf_dir(path: Path) -> bool:
 
 def _load_hf_dir(path: Path, target, opts: ProposerOptions) -> Proposer:
     return DraftModelProposer(load_hf_model(str(path), target), opts.num_draft_tokens, opts.temperature,
-                              opts.top_p, opts.top_k, seed=opts.seed, confidence_threshold=opts.confidence_threshold)
+                              opts.top_p, opts.top_k, seed=opts.seed, confidence_threshold=opts.confidence_threshold, tree=opts.tree)
 
 
 register_loader(_is_hf_dir, _load_hf_dir, "hf_causal_lm")
@@ -137,10 +137,10 @@ def load_proposer(spec: str, target, options: ProposerOptions | None = None, **o
         except ValueError:
             raise ValueError(f"--drafter {spec}: expected truncated:<number of layers>") from None
         return DraftModelProposer(truncated_model(target, n), o.num_draft_tokens, o.temperature, o.top_p,
-                                  o.top_k, seed=o.seed, confidence_threshold=o.confidence_threshold)
+                                  o.top_k, seed=o.seed, confidence_threshold=o.confidence_threshold, tree=o.tree)
     if spec.startswith("hf:"):
         return DraftModelProposer(load_hf_model(spec[3:], target), o.num_draft_tokens, o.temperature,
-                                  o.top_p, o.top_k, seed=o.seed, confidence_threshold=o.confidence_threshold)
+                                  o.top_p, o.top_k, seed=o.seed, confidence_threshold=o.confidence_threshold, tree=o.tree)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--drafter {spec}: not pld, hf:<model>, truncated:<n>, nor an existing path")

@@ -86,14 +86,22 @@ class DraftModelProposer(Proposer):
     token falls below it (the dynamic draft length of HF assisted generation): low-confidence
     tokens are mostly rejected, so drafting them only costs time. The stopping rule looks at draft
     quantities only, so sampling stays lossless.
+
+    With `tree=(w1, w2, ...)` it drafts a tree instead: the w_d most likely children of every node
+    at depth d-1 (sampled without replacement when temperature > 0), one draft forward per depth
+    with a tree attention mask (SpecInfer's expansion-based token tree, Miao et al. 2024, sec. 3).
     """
 
     def __init__(self, model, num_draft_tokens: int = 5, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, confidence_threshold: float = 0.0):
+                 top_k: int = 0, seed: int | None = None, confidence_threshold: float = 0.0,
+                 tree: tuple[int, ...] | None = None):
         if num_draft_tokens < 1:
             raise ValueError(f"DraftModelProposer: num_draft_tokens must be >= 1, got {num_draft_tokens}")
         self.model = model.eval()
         self.k = num_draft_tokens
+        self.tree = tuple(tree) if tree else None
+        if self.tree and min(self.tree) < 1:
+            raise ValueError(f"DraftModelProposer: tree widths must be >= 1, got {self.tree}")
         self.confidence_threshold = confidence_threshold
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -123,6 +131,8 @@ class DraftModelProposer(Proposer):
         if keep < self.fed.numel():
             self.cache.crop(keep - self.fed.numel())
         logits = self._step(toks[keep:])
+        if self.tree:
+            return self._propose_tree(toks, logits)
         drafted: list[int] = []
         fed: list[int] = []
         rows = []
@@ -145,3 +155,61 @@ class DraftModelProposer(Proposer):
         self.fed = torch.cat([toks, torch.tensor(fed, dtype=torch.long)])
         probs = torch.stack(rows) if rows else None
         return DraftTree.chain(drafted, probs)
+
+    def _pick(self, logits: torch.Tensor, width: int) -> tuple[list[int], list[torch.Tensor]]:
+        """`width` distinct children: top-w (greedy) or sampled without replacement with their rows."""
+        if self.temperature <= 0:
+            return torch.topk(logits, min(width, logits.numel())).indices.tolist(), []
+        q = sampling.warp(logits, self.temperature, self.top_p, self.top_k)
+        picks, rows = [], []
+        for _ in range(min(width, int((q > 0).sum()))):
+            x = int(torch.multinomial(q, 1, generator=self.generator))
+            picks.append(x)
+            rows.append(q)
+            q = q.clone()
+            q[x] = 0.0
+            q = q / q.sum()
+        return picks, rows
+
+    def _propose_tree(self, toks: torch.Tensor, root_logits: torch.Tensor) -> DraftTree:
+        L = toks.numel()  # the draft cache now holds all committed tokens
+        tokens: list[int] = []
+        parents: list[int] = []
+        rows: list[torch.Tensor] = []
+        ancestors: list[list[int]] = []  # per node: fed-order indices of itself and its ancestors
+        frontier = [(-1, root_logits)]
+        fed = 0
+        for d, width in enumerate(self.tree):
+            new = []
+            for parent, logits in frontier:
+                picks, prow = self._pick(logits, width)
+                for j, x in enumerate(picks):
+                    tokens.append(x)
+                    parents.append(parent)
+                    if prow:
+                        rows.append(prow[j])
+                    new.append(len(tokens) - 1)
+            if d + 1 == len(self.tree) or not new:
+                break
+            # Feed this depth's nodes together; each sees the committed prefix and its own ancestors.
+            q = len(new)
+            mask = torch.zeros(1, 1, q, L + fed + q, dtype=torch.bool)
+            mask[..., :L] = True
+            for r, node in enumerate(new):
+                anc = (ancestors[parents[node]] if parents[node] >= 0 else []) + [fed + r]
+                while len(ancestors) <= node:
+                    ancestors.append([])
+                ancestors[node] = anc
+                mask[0, 0, r, [L + a for a in anc]] = True
+            pos = torch.full((1, q), L + d, dtype=torch.long)
+            out = self.model.model(input_ids=torch.tensor([[tokens[n] for n in new]], device=self.device),
+                                   attention_mask=mask.to(self.device), position_ids=pos.to(self.device),
+                                   cache=self.cache, use_cache=True)
+            logits = self.model.lm_head(out.last_hidden_state[0])
+            frontier = [(node, logits[r]) for r, node in enumerate(new)]
+            fed += q
+        if fed:
+            self.cache.crop(-fed)  # drop the drafted nodes: the next call re-feeds what was accepted
+        self.fed = toks.clone()
+        probs = torch.stack(rows) if rows else None
+        return DraftTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long), probs)
