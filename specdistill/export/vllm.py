@@ -49,6 +49,9 @@ def build(drafter, target, dtype: str = "bfloat16", speculative_tokens: int = 3)
         "rms_norm_eps": d["rms_norm_eps"],
         "rope_scaling": d["rope_scaling"],
         "rope_theta": d["rope_theta"],
+        # transformers 5 reads rope settings from rope_parameters (speculators 0.9.0 writes both shapes)
+        "rope_parameters": {"rope_type": "default", "rope_theta": d["rope_theta"]} if d["rope_scaling"] is None
+        else {**d["rope_scaling"], "rope_theta": d["rope_theta"]},
         "tie_word_embeddings": False,
         "use_cache": True,
         "vocab_size": d["vocab_size"],
