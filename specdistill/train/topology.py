@@ -128,15 +128,47 @@ def _check_deepspeed(plugin, train_cfg, num_processes: int) -> dict:
     return {"zero_stage": stage, "filled": filled}
 
 
+def _adopt_deepspeed_cpu_group(accelerator, dtype: str, env_world: int) -> bool:
+    """Repair accelerate's view of a DeepSpeed-on-CPU job built without `accelerator_kwargs()`.
+
+    In that case DeepSpeed has already initialised the real process group (gloo, all ranks) but
+    accelerate, having found no backend, recorded one process. Record the group DeepSpeed made,
+    exactly as accelerate does when the backend is named (state.py: num_processes = world size,
+    process_index = rank, local_process_index = LOCAL_RANK). Returns True if it repaired.
+    """
+    import torch.distributed as dist
+
+    if dtype != "DEEPSPEED" or int(accelerator.num_processes) != 1 or env_world <= 1:
+        return False
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() != env_world:
+        return False
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState._shared_state.get("backend") is not None:
+        return False
+    fix = {"backend": dist.get_backend(), "num_processes": dist.get_world_size(),
+           "process_index": dist.get_rank(), "local_process_index": int(os.environ.get("LOCAL_RANK", "0"))}
+    PartialState._shared_state.update(fix)
+    AcceleratorState._shared_state.update(fix)
+    return int(accelerator.num_processes) == env_world
+
+
 def check_topology(accelerator, train_cfg) -> dict:
     """Validate the launch against `train_cfg` (a TrainConfig); fill DeepSpeed "auto" batch keys.
 
     Call after building the Accelerator and before `accelerator.prepare`. Returns a small summary
     (distributed type, processes, global batch) for logging. Raises TopologyError with the fix.
     """
-    n = int(accelerator.num_processes)
     dtype = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
     env_world = _world_size_from_env()
+    if _adopt_deepspeed_cpu_group(accelerator, dtype, env_world):
+        import logging
+
+        logging.getLogger(__name__).info(
+            "DeepSpeed on the CPU: accelerate named no process-group backend, so the %d-process %s group "
+            "DeepSpeed initialised is used (build the Accelerator with topology.accelerator_kwargs() to "
+            "have accelerate name it)", env_world, accelerator.state.backend)
+    n = int(accelerator.num_processes)
     if env_world > 1 and n == 1:
         raise TopologyError(
             f"{env_world} processes were launched (WORLD_SIZE={env_world}) but accelerate sees 1 "
