@@ -51,6 +51,8 @@ class DataConfig:
     """Maximum tokens per sample; longer conversations are cut at a turn boundary."""
     min_loss_tokens: int = 4
     """Samples with fewer assistant (loss) tokens after truncation are skipped as too_long."""
+    truncate_prompt: bool = True
+    """When the first assistant reply does not fit, cut the oldest prompt tokens (keeping the template's header/system part intact where possible) so it does."""
     val_fraction: float = 0.02
     """Fraction of conversations held out for validation (deterministic hash split)."""
     limit: int = 0

@@ -65,9 +65,10 @@ def masked_spans(tok, ids, mask) -> list[str]:
     return ["".join(tok.convert_ids_to_tokens([int(i) for i in ids[a:b]])) for a, b in zip(starts, ends)]
 
 
-def encode(tok, messages, max_length=512, min_loss_tokens=1):
+def encode(tok, messages, max_length=512, min_loss_tokens=1, truncate_prompt=True):
     counter = SkipCounter()
-    out = ChatEncoder(tok, max_length, min_loss_tokens).encode_batch([Conversation("x", messages, "t")], counter)
+    out = ChatEncoder(tok, max_length, min_loss_tokens, truncate_prompt).encode_batch(
+        [Conversation("x", messages, "t")], counter)
     return out[0][1] if out else None, counter
 
 
@@ -138,28 +139,107 @@ def test_truncation_inside_first_turn_then_too_long():
     tok = make_tokenizer()
     full, _ = encode(tok, MULTI)
     start = int(np.nonzero(full.loss_mask)[0][0])
-    enc, _ = encode(tok, MULTI, max_length=start + 5, min_loss_tokens=4)
+    enc, _ = encode(tok, MULTI, max_length=start + 5, min_loss_tokens=4, truncate_prompt=False)
     assert enc.truncated and len(enc.input_ids) == start + 5
     assert masked_spans(tok, enc.input_ids, enc.loss_mask) == ["hello"]
-    enc, counter = encode(tok, MULTI, max_length=start + 2, min_loss_tokens=4)
+    enc, counter = encode(tok, MULTI, max_length=start + 2, min_loss_tokens=4, truncate_prompt=False)
     assert enc is None and counter.skipped["too_long"] == 1
     enc, counter = encode(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
                           min_loss_tokens=4)
     assert enc is None and counter.skipped["too_short"] == 1
 
 
+LONG_PROMPT = " ".join(f"word{i}" for i in range(120)) + " so what is the last word?"
+
+
+def first_turn_conversation(reply="it is word119", system=True):
+    msgs = [{"role": "user", "content": LONG_PROMPT}, {"role": "assistant", "content": reply},
+            {"role": "user", "content": "and the first?"}, {"role": "assistant", "content": "word0"}]
+    return ([{"role": "system", "content": "be brief"}] if system else []) + msgs
+
+
+@pytest.mark.parametrize("template,end", [(CHATML_TEMPLATE, "<|im_end|>"), (LLAMA3_TEMPLATE, "<|eot_id|>")])
+def test_prompt_truncation_keeps_a_conversation_whose_first_prompt_is_too_long(template, end):
+    tok = make_tokenizer(template)
+    msgs = first_turn_conversation()
+    full, _ = encode(tok, msgs, max_length=4096)
+    assert int(np.nonzero(full.loss_mask)[0][0]) > 200  # the first reply starts past max_length below
+    enc, counter = encode(tok, msgs, max_length=200, min_loss_tokens=4)
+    assert enc is not None and counter.notes["prompt_truncated"] == 1 and not counter.skipped
+    assert len(enc.input_ids) <= 200 and enc.truncated and enc.turns == 2
+    # the whole first reply fits, and so does the short turn after it (both within 3/4 of the room);
+    # exactly the replies are masked, not the headers
+    assert masked_spans(tok, enc.input_ids, enc.loss_mask) == ["it is word119" + end, "word0" + end]
+    text = "".join(tok.convert_ids_to_tokens(enc.input_ids.tolist()))
+    # the template's text and the system message are intact; the user text kept is the newest part,
+    # starting at a word, and it uses the room the reply leaves
+    assert "system" in text and "be brief" + end in text
+    kept = text[text.index("user"):].split(end)[0].rsplit("\n", 1)[-1]
+    assert LONG_PROMPT.endswith(kept) and kept.startswith("word") and len(kept) > 80
+    assert len(enc.input_ids) >= 200 - 10
+    # the ids are the template's own tokenization of the shortened conversation
+    short = [dict(m) for m in msgs]
+    short[1]["content"] = kept
+    assert enc.input_ids.tolist() == tok.apply_chat_template(short, tokenize=True)["input_ids"][:len(enc.input_ids)]
+    # off: skipped as before
+    enc, counter = encode(tok, msgs, max_length=200, min_loss_tokens=4, truncate_prompt=False)
+    assert enc is None and counter.skipped["too_long"] == 1 and not counter.notes
+
+
+@pytest.mark.parametrize("template", [CHATML_TEMPLATE, LLAMA3_TEMPLATE])
+def test_prompt_truncation_with_a_reply_longer_than_max_length(template):
+    """A reply that cannot fit whole gets 3/4 of the room; the prompt keeps its newest part in the rest."""
+    tok = make_tokenizer(template)
+    reply = "the answer goes on and on " * 20
+    enc, counter = encode(tok, first_turn_conversation(reply, system=False), max_length=200, min_loss_tokens=4)
+    assert counter.notes["prompt_truncated"] == 1 and len(enc.input_ids) == 200
+    spans = masked_spans(tok, enc.input_ids, enc.loss_mask)
+    assert len(spans) == 1 and reply.strip().startswith(spans[0]) and 100 < len(spans[0]) < 160
+    text = "".join(tok.convert_ids_to_tokens(enc.input_ids.tolist()))
+    assert "so what is the last word?" in text and "word0 " not in text
+
+
+def test_prompt_truncation_leaves_fitting_and_hopeless_conversations_alone():
+    tok = make_tokenizer()
+    # the first reply fits: nothing is cut, later turns are cut at a boundary as before
+    enc, counter = encode(tok, MULTI, max_length=70)
+    off, _ = encode(tok, MULTI, max_length=70, truncate_prompt=False)
+    assert enc.truncated and enc.turns == 1 and not counter.notes
+    assert enc.input_ids.tolist() == off.input_ids.tolist() and enc.loss_mask.tolist() == off.loss_mask.tolist()
+    # the prompt is short and the reply long: the reply is cut inside, the prompt stays whole
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * 300}]
+    enc, counter = encode(tok, msgs, max_length=64)
+    assert not counter.notes and enc.truncated and len(enc.input_ids) == 64
+    # even an empty prompt leaves too few loss tokens: still too_long, nothing noted
+    enc, counter = encode(tok, first_turn_conversation(), max_length=16, min_loss_tokens=4)
+    assert enc is None and counter.skipped["too_long"] == 1 and not counter.notes
+
+
+def test_prompt_truncation_cuts_the_earliest_user_message_first():
+    tok = make_tokenizer()
+    msgs = [{"role": "system", "content": "s" * 30}, {"role": "user", "content": "old " * 60},
+            {"role": "user", "content": "new question here"}, {"role": "assistant", "content": "answer"}]
+    enc, counter = encode(tok, msgs, max_length=112, min_loss_tokens=4)
+    text = "".join(tok.convert_ids_to_tokens(enc.input_ids.tolist()))
+    assert counter.notes["prompt_truncated"] == 1 and len(enc.input_ids) <= 112
+    assert "s" * 30 in text and "new question here" in text and "old old" in text
+    assert masked_spans(tok, enc.input_ids, enc.loss_mask) == ["answer<|im_end|>"]
+
+
 def test_first_pass_shortcut_gives_same_samples_as_full_rendering():
     """The char-budget first pass (prune + cut) must not change any sample."""
     tok = make_tokenizer()
-    convs = [Conversation(str(i), [{"role": "user", "content": "q " * (3 * i + 1)},
+    convs = [Conversation(str(i), [{"role": "user", "content": "q " * (3 * i + 1) + "long " * (40 * (i % 3))},
                                    {"role": "assistant", "content": "answer " * (5 + 7 * i)},
                                    {"role": "user", "content": "again"},
                                    {"role": "assistant", "content": "x" * (40 * i + 3)}], "t") for i in range(12)]
     fast = ChatEncoder(tok, 64, 1)
     slow = ChatEncoder(tok, 64, 1)
     slow.char_budget = 10**9
-    a, b = fast.encode_batch(convs, SkipCounter()), slow.encode_batch(convs, SkipCounter())
+    fast_counter = SkipCounter()
+    a, b = fast.encode_batch(convs, fast_counter), slow.encode_batch(convs, SkipCounter())
     assert [c.id for c, _ in a] == [c.id for c, _ in b] and len(a) >= 6
+    assert fast_counter.notes["prompt_truncated"] >= 2
     assert any(len(fast._cut(fast.render(c.messages)[0])) < len(fast.render(c.messages)[0]) for c in convs)
     for (_, x), (_, y) in zip(a, b):
         assert x.input_ids.tolist() == y.input_ids.tolist() and x.loss_mask.tolist() == y.loss_mask.tolist()
@@ -330,11 +410,14 @@ def test_build_caches_and_reuses(tmp_path, sharegpt_file, tiny_tokenizer):
     # a different setting or a changed source file is a different cache entry
     _, _, s3 = build(DataConfig(**{**cfg.__dict__, "max_length": 80}), tiny_tokenizer)
     assert s3["prepared_dir"] != s1["prepared_dir"]
+    _, _, s5 = build(DataConfig(**{**cfg.__dict__, "truncate_prompt": False}), tiny_tokenizer)
+    assert s5["prepared_dir"] not in (s1["prepared_dir"], s3["prepared_dir"])
+    assert s5["settings"]["truncate_prompt"] is False and s1["settings"]["truncate_prompt"] is True
     sharegpt_file.write_text(sharegpt_file.read_text() + " ")
     _, _, s4 = build(cfg, tiny_tokenizer)
     assert not s4["cached"] and s4["prepared_dir"] != s1["prepared_dir"]
     entries = [p.name for p in (tmp_path / "prep").iterdir()]
-    assert len([e for e in entries if not e.startswith(".")]) == 3
+    assert len([e for e in entries if not e.startswith(".")]) == 4
     assert not [e for e in entries if ".tmp" in e]  # no temporary folders left behind
 
 
@@ -365,6 +448,17 @@ def test_build_with_no_usable_conversation_is_an_error(tmp_path, tiny_tokenizer)
     p.write_text('{"id": 1, "conversations": []}\nnot json\n')
     with pytest.raises(SourceError, match="no usable conversation"):
         build(DataConfig(source=str(p), prepared_dir=str(tmp_path / "prep")), tiny_tokenizer)
+
+
+def test_build_counts_prompt_truncation(tmp_path, tiny_tokenizer):
+    p = tmp_path / "long.jsonl"
+    p.write_text("\n".join(json.dumps({"id": f"l{i}", "messages": first_turn_conversation()}) for i in range(3)))
+    cfg = DataConfig(source=str(p), max_length=128, prepared_dir=str(tmp_path / "prep"))
+    _, _, on = build(cfg, tiny_tokenizer)
+    assert on["counts"]["kept"] == 3 and on["counts"]["notes"] == {"prompt_truncated": 3}
+    assert on["truncated_samples"] == 3 and on["all"]["length_max"] <= 128
+    with pytest.raises(SourceError, match="too_long"):
+        build(DataConfig(**{**cfg.__dict__, "truncate_prompt": False}), tiny_tokenizer)
 
 
 def test_collate_pads_right_and_masks():

@@ -14,13 +14,24 @@ for free: the system text is in every prefix rendering.
 If a template is not prefix-stable (some re-render earlier turns), the assistant content is
 located in the full text by search instead; if even that fails the conversation is skipped as
 `template_error` with the reason.
+
+Prompt truncation (`truncate_prompt`): when the first assistant reply does not fit in max_length
+because the prompt before it is long, the oldest characters of the prompt's message contents are
+cut (user messages first, earliest first; system messages only if that is not enough; the
+template's own text, headers and injected system prompt are never touched). Where to cut is found
+on the message text (from the tokenized tail of the content, then checked, and lowered if needed,
+by rendering the shortened messages with the template and tokenizing), so no separator is
+assumed; the shortened conversation is then encoded like any other, so its mask comes from the
+same derivation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+from specdistill.data.stats import SkipCounter
 
 
 class TemplateAlignError(ValueError):
@@ -42,7 +53,7 @@ def _render(tok, messages, add_generation_prompt=False) -> str:
 class ChatEncoder:
     """Turns normalised conversations into (input_ids, loss_mask) with truncation rules."""
 
-    def __init__(self, tokenizer, max_length: int = 512, min_loss_tokens: int = 4):
+    def __init__(self, tokenizer, max_length: int = 512, min_loss_tokens: int = 4, truncate_prompt: bool = True):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the target tokenizer has no chat_template; set one (tokenizer.chat_template = ...) "
                              "so the loss mask can follow the model's own conversation format")
@@ -51,6 +62,7 @@ class ChatEncoder:
         self.tok = tokenizer
         self.max_length = max_length
         self.min_loss_tokens = max(1, min_loss_tokens)
+        self.truncate_prompt = truncate_prompt
         ids = set(tokenizer.all_special_ids)
         for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items():
             if getattr(t, "special", False):
@@ -204,8 +216,8 @@ class ChatEncoder:
         toks = self._tokenize([t for _, t, _, _ in rendered])
         return [(c, ids, off, spans, sh) for (c, _, spans, sh), (ids, off) in zip(rendered, toks)]
 
-    def encode_batch(self, conversations: list, counter) -> list[tuple[object, Encoded]]:
-        """Encode a batch of `Conversation`s; bad ones are counted on `counter` and left out."""
+    def _encode_all(self, conversations: list, counter) -> list[tuple[object, np.ndarray, list]]:
+        """[(conversation, ids, token spans of its assistant turns)], untruncated; failures are counted."""
         first = self._render_tokenize([(c, self._prune(c.messages)) for c in conversations], counter, cut=True)
         # a conversation whose shortened first pass did not reach max_length tokens is redone whole
         redo = [c for c, ids, _, _, short in first if short and len(ids) <= self.max_length]
@@ -218,18 +230,155 @@ class ChatEncoder:
                 if id(conv) not in again:
                     continue  # the full rendering failed (already counted)
                 ids, offsets, spans = again[id(conv)]
-            tspans = self._token_spans(ids, offsets, spans)
-            n, truncated = self._truncate(len(ids), tspans)
-            mask = np.zeros(n, dtype=np.uint8)
-            turns = 0
-            for a, b in tspans:
-                if a < n:
-                    mask[a:min(b, n)] = 1
-                    turns += 1
+            out.append((conv, ids, self._token_spans(ids, offsets, spans)))
+        return out
+
+    def _sample(self, ids, tspans) -> tuple[np.ndarray, np.ndarray, int, bool]:
+        """(ids, loss mask, turns, truncated) of one encoded conversation cut to max_length."""
+        n, truncated = self._truncate(len(ids), tspans)
+        mask = np.zeros(n, dtype=np.uint8)
+        turns = 0
+        for a, b in tspans:
+            if a < n:
+                mask[a:min(b, n)] = 1
+                turns += 1
+        return ids[:n], mask, turns, truncated
+
+    # ---- prompt truncation -----------------------------------------------------------------
+
+    def _turn_ends(self, messages: list[dict]) -> tuple[int, list[int]]:
+        """Token start of the first assistant reply and the end of each assistant turn after it."""
+        text, spans = self.render(messages)
+        (ids, offsets), = self._tokenize([text])
+        tspans = self._token_spans(ids, offsets, spans)
+        if not tspans:
+            raise TemplateAlignError("no assistant tokens")
+        return tspans[0][0], [b for _, b in tspans]
+
+    def _head_tokens(self, messages: list[dict]) -> int:
+        """Tokens before the reply to `messages`: the rendering with the generation prompt."""
+        (ids, _), = self._tokenize([_render(self.tok, messages, add_generation_prompt=True)])
+        return len(ids)
+
+    def _shorten_prompt(self, messages: list[dict], start: int | None) -> list[dict] | None:
+        """`messages` with the oldest prompt characters cut so the first reply gets its room, or None.
+
+        `start` is the first reply's token start in the full encoding (None: past max_length).
+        The room after the prompt's fixed part (the rendering with every cuttable content emptied)
+        goes at most 3/4 to the replies (at least min_loss_tokens): the first reply and the whole
+        turns after it that fit in that share, or the share itself when the first reply is longer
+        (it is then cut inside). The prompt keeps the newest characters that fit in the rest.
+        """
+        k = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), 0)
+        order = [i for i in range(k) if messages[i]["role"] == "user" and messages[i]["content"]]
+        order += [i for i in range(k) if messages[i]["role"] != "user" and messages[i]["content"]]
+        # the replies' share is at most max(min_loss_tokens, 3/4 of max_length): a prompt within the
+        # rest is never cut (this spares the renderings for short prompts before long replies)
+        most = max(self.min_loss_tokens, self.max_length - self.max_length // 4)
+        if not order or (start is not None and start <= self.max_length - most):
+            return None
+        try:
+            # only the first max_length tokens after the prompt matter: measure the turns within
+            # the character budget (the first reply cut to it)
+            bare = [dict(m, content="") if i in order else m for i, m in enumerate(messages[:k])]
+            bare.append(dict(messages[k], content=messages[k]["content"][:self.char_budget]))
+            total = len(messages[k]["content"])  # a cut first reply is measured alone
+            for m in messages[k + 1:]:
+                if total > self.char_budget:
+                    break
+                bare.append(m)
+                total += len(m["content"])
+            fixed, ends = self._turn_ends(bare)
+            room = self.max_length - fixed
+            cap = max(self.min_loss_tokens, room - room // 4)
+            share = max([e - fixed for e in ends if e - fixed <= cap], default=cap)
+            limit = self.max_length - share  # the first reply may start at token `limit` at the latest
+            if start is not None and start <= limit:
+                return None  # the prompt is within its share already: cutting it gains nothing
+            msgs = [dict(m) for m in messages[:k]]
+            for i in order:
+                text = msgs[i]["content"]
+                msgs[i]["content"] = ""
+                base = self._head_tokens(msgs)
+                if base > limit:
+                    continue  # emptying this message is not enough: move on to the next
+                msgs[i]["content"] = text[len(text) - self._longest_tail(msgs, i, text, limit, base):]
+                break
+            return msgs + list(messages[k:])
+        except Exception:  # the template refused a shortened prompt: leave the conversation as it is
+            return None
+
+    def _longest_tail(self, msgs: list[dict], i: int, text: str, limit: int, base: int) -> int:
+        """About the largest n such that the prompt with msgs[i] = text[-n:] has at most `limit` tokens.
+
+        `base` is the prompt's token count with msgs[i] empty. The text's tail is tokenized once to
+        find where the last `limit - base` tokens start; the joins with the template can move that
+        by a token or so, so the prompt is re-rendered to check, and the guess lowered by the excess
+        (a binary search on the character cut if that does not settle).
+        """
+        def head(n: int) -> int:
+            msgs[i]["content"] = text[len(text) - n:]
+            return self._head_tokens(msgs)
+
+        want = limit - base
+        size = min(len(text), 6 * want + 64)
+        while True:  # a tail with a few tokens more than wanted, so its first tokens are not used
+            (ids, offsets), = self._tokenize([text[len(text) - size:]])
+            if len(ids) > want + 2 or size == len(text):
+                break
+            size = min(len(text), 2 * size)
+        for _ in range(4):
+            if want <= 0:
+                return 0
+            n = size if want >= len(ids) else size - int(offsets[len(ids) - want][0])
+            cut = len(text) - n
+            if 0 < cut and not text[cut - 1].isspace():
+                # start at a word when one begins shortly after the cut
+                ws = next((j for j in range(cut, min(cut + 32, len(text))) if text[j].isspace()), None)
+                if ws is not None:
+                    n = len(text[ws:].lstrip())
+            h = head(n)
+            if h <= limit:
+                return n
+            want -= max(1, h - limit)  # (dropping a word's leading space can cost a token)
+        lo, hi = 0, n  # head(0) fits (checked by the caller), head(n) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if head(mid) <= limit:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def encode_batch(self, conversations: list, counter) -> list[tuple[object, Encoded]]:
+        """Encode a batch of `Conversation`s; bad ones are counted on `counter` and left out."""
+        items = self._encode_all(conversations, counter)
+        shortened = {}
+        if self.truncate_prompt:
+            saved = dict(self.stats)  # alignment stats describe each conversation's own encoding once
+            todo, origin = [], {}
+            for conv, _, tspans in items:
+                if not tspans or tspans[0][1] > self.max_length:  # the first reply does not fit
+                    msgs = self._shorten_prompt(conv.messages, tspans[0][0] if tspans else None)
+                    if msgs is not None:
+                        todo.append(replace(conv, messages=msgs))
+                        origin[id(todo[-1])] = id(conv)
+            for c, ids, tspans in self._encode_all(todo, SkipCounter(log_first=0)):
+                shortened[origin[id(c)]] = (ids, tspans)
+            self.stats = saved
+        out = []
+        for conv, ids, tspans in items:
+            ids, mask, turns, truncated = self._sample(ids, tspans)
+            if id(conv) in shortened:
+                alt = self._sample(*shortened[id(conv)])
+                if int(alt[1].sum()) > int(mask.sum()):  # never worse than leaving the prompt whole
+                    ids, mask, turns, truncated = alt[0], alt[1], alt[2], True
+                    if int(mask.sum()) >= self.min_loss_tokens:
+                        counter.note("prompt_truncated")
             if int(mask.sum()) < self.min_loss_tokens:
                 reason = "too_long" if truncated else "too_short"
                 counter.skip(reason, conv.where, f"{int(mask.sum())} loss tokens after truncation to "
                                                  f"{self.max_length} (need {self.min_loss_tokens})")
                 continue
-            out.append((conv, Encoded(ids[:n].astype(np.int32), mask, turns, truncated)))
+            out.append((conv, Encoded(ids.astype(np.int32), mask, turns, truncated)))
         return out

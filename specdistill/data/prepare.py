@@ -53,7 +53,8 @@ def tokenizer_fingerprint(tok) -> str:
 def cache_dir(cfg: DataConfig, tok, identity: str) -> Path:
     settings = {"v": PIPELINE_VERSION, "source": identity, "tok": tokenizer_fingerprint(tok),
                 "max_length": cfg.max_length, "min_loss_tokens": cfg.min_loss_tokens,
-                "limit": cfg.limit, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+                "truncate_prompt": cfg.truncate_prompt, "limit": cfg.limit, "val_fraction": cfg.val_fraction,
+                "seed": cfg.seed}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     name = "sharegpt" if cfg.source == "default" else Path(cfg.source.removeprefix("hf:").partition("#")[0]).stem
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "data"
@@ -70,7 +71,7 @@ def prepare(cfg: DataConfig, tokenizer, out: Path) -> dict:
 
     t0 = time.time()
     counter = SkipCounter()
-    enc = ChatEncoder(tokenizer, cfg.max_length, cfg.min_loss_tokens)
+    enc = ChatEncoder(tokenizer, cfg.max_length, cfg.min_loss_tokens, cfg.truncate_prompt)
     ids_list, masks, turns, truncated, conv_ids = [], [], [], [], []
 
     def flush(batch):
@@ -117,7 +118,8 @@ def prepare(cfg: DataConfig, tokenizer, out: Path) -> dict:
     tr = arrays["turns"]
     summary = {
         "source": cfg.source,
-        "settings": {"max_length": cfg.max_length, "min_loss_tokens": cfg.min_loss_tokens, "limit": cfg.limit,
+        "settings": {"max_length": cfg.max_length, "min_loss_tokens": cfg.min_loss_tokens,
+                     "truncate_prompt": cfg.truncate_prompt, "limit": cfg.limit,
                      "val_fraction": cfg.val_fraction, "seed": cfg.seed},
         "records_read": read + sum(v for k, v in counter.skipped.items() if k in SOURCE_REASONS),
         "conversations_valid": read,

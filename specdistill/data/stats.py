@@ -27,6 +27,13 @@ SKIP_REASONS = {
     "too_short": "fewer than min_loss_tokens assistant tokens even without truncation",
 }
 
+# Repairs that keep the conversation (`SkipCounter.note`), with what each one did.
+NOTES = {
+    "dropped_leading_assistant": "leading assistant messages removed (they answer nothing)",
+    "cut_at_empty_message": "conversation cut before its first empty message",
+    "prompt_truncated": "first reply did not fit: oldest prompt characters cut (truncate_prompt)",
+}
+
 
 @dataclass
 class SkipCounter:
@@ -93,7 +100,8 @@ def format_summary(summary: dict) -> str:
     c = summary["counts"]
     st = summary.get("settings", {})
     lines = [f"source: {summary.get('source', '?')}  (max_length {st.get('max_length')}, "
-             f"min_loss_tokens {st.get('min_loss_tokens')}, limit {st.get('limit') or 'none'})"]
+             f"min_loss_tokens {st.get('min_loss_tokens')}, truncate_prompt {st.get('truncate_prompt', False)}, "
+             f"limit {st.get('limit') or 'none'})"]
     if "conversations_valid" in summary:
         lines.append(f"read {summary['records_read']} records: {summary['conversations_valid']} valid conversations")
     lines.append(f"kept {c['kept']} conversations as samples, skipped {c['skipped']}"
@@ -101,7 +109,7 @@ def format_summary(summary: dict) -> str:
     for reason, n in c["skipped_by_reason"].items():
         lines.append(f"  skipped {reason:<16} {n:>7}   ({SKIP_REASONS.get(reason, '')})")
     for what, n in c.get("notes", {}).items():
-        lines.append(f"  note    {what:<16} {n:>7}")
+        lines.append(f"  note    {what:<16} {n:>7}   ({NOTES.get(what, '')})")
     for split in ("train", "val"):
         if split in summary:
             s = summary[split]
