@@ -64,16 +64,15 @@ class Trainer:
         self.tc = cfg.train
         # sync_with_dataloader=False: our accumulation windows may span epochs (the loader restarts).
         plugin = GradientAccumulationPlugin(num_steps=self.tc.grad_accum, sync_with_dataloader=False)
+        from specdistill.train import topology
+
         self.accelerator = accelerator or Accelerator(
-            gradient_accumulation_plugin=plugin, mixed_precision=_resolve_precision(self.tc.mixed_precision)
+            gradient_accumulation_plugin=plugin, mixed_precision=_resolve_precision(self.tc.mixed_precision),
+            **topology.accelerator_kwargs(),
         )
         acc = self.accelerator
-        try:
-            from specdistill.train.topology import check_topology
-        except ImportError:
-            check_topology = None
-        if check_topology is not None:
-            check_topology(acc, self.tc)
+        # Batch size and accumulation come from the run config only; a DeepSpeed config that disagrees stops here.
+        topology.check_topology(acc, self.tc)
         set_seed(self.tc.seed)
         self.out_dir = Path(self.tc.output_dir)
         self.target = target
