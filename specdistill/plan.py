@@ -228,7 +228,9 @@ def make_plan(target: str, gpus: int, zero: int = 0, fsdp: bool = False, drafter
             f"{unroll} unrolled step(s) x ({n_dlayers} layer x 34*B*T*H{'' if mixed else ' x2'} + B*T*k*H*{act_b}"
             f" + 3*B*T*Vd*4), Vd={vd}"),
     ]
-    name = getattr(hf, "_name_or_path", "") or target
+    from specdistill import targets as _targets
+
+    name = f"default ({_targets.DEFAULT_NAME})" if target == "default" else target
     return Plan(target=str(name), target_params=p_target, drafter=f"{drafter}"
                 + (f" ({dcfg.variant})" if hasattr(dcfg, "variant") else ""), drafter_params=p_draft,
                 devices=N, topology=topo, micro_batch=B, seq_len=T, rows=rows,
