@@ -288,3 +288,46 @@ def test_self_target_is_fully_accepted_on_eagle1(target):
     assert spec.config_cls is EagleConfig
     assert set(spec.export_formats) == {"native", "sglang", "vllm"}
     assert "2503.01840" in spec.paper and "2408.15766" in spec.paper
+
+
+@pytest.mark.embedded
+def test_overfit_on_real_target_drafts_the_memorised_continuation():
+    """On the embedded SmolLM2 target: after overfitting one greedy continuation, the chain drafted
+    from the verifier-style state (target features of the committed prefix) reproduces it for about
+    as many tokens as training-time-test steps were trained. Catches layer-id, position or
+    train/decode attention mismatches that tiny random targets cannot show."""
+    from specdistill import targets
+
+    target = targets.load("default")
+    tok = target.tokenizer
+    enc = tok.apply_chat_template([{"role": "user", "content": "Write a short story about a cat."}],
+                                  add_generation_prompt=True, return_tensors="pt")
+    prompt = (enc["input_ids"] if hasattr(enc, "keys") else enc)[0]
+    with torch.no_grad():
+        seq = target.model.generate(prompt[None], max_new_tokens=24, do_sample=False)[0]
+    p = prompt.numel()
+    lm = torch.zeros_like(seq)
+    lm[p:] = 1
+    b = {"input_ids": seq[None], "attention_mask": torch.ones_like(seq)[None], "loss_mask": lm[None]}
+    d = EagleDrafter(EagleConfig(variant="eagle3", draft_vocab_size=512, ttt_steps=3), target)
+    d.set_vocab_map(*vocab_map_from_counts(count_tokens(_samples(b), target.vocab_size), 512))
+    assert d.layer_ids == [2, 15, 27]
+    tout = target(b["input_ids"], b["attention_mask"], layers=d.layer_ids, return_logits=False)
+    opt = torch.optim.Adam(d.trainable_parameters(), lr=1e-3)
+    for _ in range(40):
+        out = d.loss(b, tout)
+        opt.zero_grad()
+        (out.loss / out.num_tokens).backward()
+        opt.step()
+    d.eval()
+    hs = {i: h[0] for i, h in tout.hidden_states.items()}
+    pr = d.proposer(target, mode="chain", k=3, dtype="float32")
+    accepted = []
+    for n in range(p + 1, seq.numel() - 3):
+        pr.reset(None)
+        draft = pr.propose(ProposerState(seq[:n], {i: h[:n - 1] for i, h in hs.items()}))
+        k = 0
+        while k < 3 and draft.tokens[k] == seq[n + k]:
+            k += 1
+        accepted.append(k)
+    assert sum(accepted) / len(accepted) >= 2.0, accepted
