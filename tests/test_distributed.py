@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch.sh"
 ACC_DIR = ROOT / "recipes" / "accelerate"
 STEPS, MORE = 4, 6
-LOSS_RTOL = 2e-4
+LOSS_RTOL = 5e-5  # measured here: <= 3e-6 (fp32; reduction order differs between topologies)
 
 
 # ------------------------------------------------------------------ helpers
@@ -125,6 +125,9 @@ def checkpoints(out: Path) -> list[str]:
 
 
 def assert_close(got: dict[int, float], ref: dict[int, float], steps, what: str):
+    rel = [abs(got[s] - ref[s]) / max(abs(ref[s]), 1e-12) for s in steps if s in got]
+    print(f"{what}: steps {list(steps)} losses {[round(got.get(s, float('nan')), 7) for s in steps]}, "
+          f"max relative difference to 1 process {max(rel) if rel else float('nan'):.2e}")
     for s in steps:
         assert s in got, f"{what}: no loss logged for step {s}"
         assert got[s] == pytest.approx(ref[s], rel=LOSS_RTOL, abs=1e-6), \
