@@ -193,6 +193,33 @@ def test_deepspeed_zero_matches_one_process(setup, reference, stage):
 
 
 @pytest.mark.distributed
+def test_two_nodes_over_loopback_match_one_process(setup, reference):
+    """Multi-node plumbing for real: two 'machines' (1 process each) rendezvous on 127.0.0.1."""
+    out = setup.root / "nodes2"
+    port = str(_free_port())
+    common = [setup.recipe, "--cpu", "--nodes", "2", "--main-ip", "127.0.0.1", "--main-port", port, "--nproc", "1",
+              *setup.overrides, f"train.output_dir={out}", "train.run_name=nodes2", "train.micro_batch_size=2",
+              "train.grad_accum=1", f"train.max_steps={STEPS}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "DS_", "PYTEST_"))}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    procs = [subprocess.Popen(["bash", str(LAUNCH), common[0], "--node-rank", str(r), *common[1:]], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (1, 0)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("two-node run timed out")
+    for p, text in zip(procs, outs):
+        assert p.returncode == 0, "\n".join(text.splitlines()[-40:])
+    assert "multinode.yaml --num_processes 2 --num_machines 2 --machine_rank 0" in outs[1]
+    assert_close(losses(out), reference, range(1, STEPS + 1), "2 nodes x 1 process")
+    assert checkpoints(out) == [f"step_{STEPS}"]
+
+
+@pytest.mark.distributed
 def test_fsdp_on_cpu(setup):
     p = _run_launch([setup.recipe, "--cpu", "--nproc", "2", "--fsdp", "--dry-run"])
     assert p.returncode != 0 and "--fsdp needs GPUs" in p.stderr, _tail(p)
