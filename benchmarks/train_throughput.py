@@ -39,19 +39,20 @@ def train_seconds(cfg, target, drafter, ds, collate_fn=None, target_fn=None) -> 
     starts: list[float] = []
     ends: list[float] = []
     tr = Trainer(cfg, target, drafter, ds, None, collate_fn=collate_fn, target_fn=target_fn)
-    inner, sched_step = tr.target_fn, tr.scheduler.step
+    inner, opt_step = tr.target_fn, tr.optimizer.step
 
-    # A step = from its target call (features) to the scheduler step right after the optimizer step;
+    # A step = from its target call (features) to the end of the optimizer step (grad_accum=1);
     # checkpoint writing and logging are outside the window.
     def timed_target(b):
         starts.append(time.perf_counter())
         return inner(b)
 
-    def timed_sched(*a, **k):
+    def timed_opt(*a, **k):
+        out = opt_step(*a, **k)
         ends.append(time.perf_counter())
-        return sched_step(*a, **k)
+        return out
 
-    tr.target_fn, tr.scheduler.step = timed_target, timed_sched
+    tr.target_fn, tr.optimizer.step = timed_target, timed_opt
     tr.fit()
     return [e - s for s, e in zip(starts, ends)]
 
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
         target(b["input_ids"], b["attention_mask"], layers=layers, return_logits=False)
         fwd.append(time.perf_counter() - t0)
     fwd_s = sum(fwd[1:]) / max(len(fwd) - 1, 1) if len(fwd) > 1 else fwd[0]
+    print(f"[bench] target forward per batch: {[round(x, 2) for x in fwd]} s", file=sys.stderr)
 
     counts = vocab.count_tokens(samples, target.vocab_size)
     d2t, t2d = vocab.vocab_map_from_counts(counts, args.draft_vocab)
@@ -128,6 +130,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         on = train_seconds(run_cfg(tmp / "online"), target, make_drafter(), samples)
         on_s = sum(on[1:]) / max(len(on) - 1, 1)
+        print(f"[bench] online train step: {[round(x, 2) for x in on]} s", file=sys.stderr)
         result.update(online_train_s_per_batch=round(on_s, 3),
                       online_train_tokens_per_s=round(tokens_per_batch / on_s, 1),
                       online_over_forward_ratio=round(fwd_s / on_s, 3),
@@ -141,6 +144,7 @@ def main(argv=None) -> int:
             off = train_seconds(run_cfg(tmp / "offline"), target, make_drafter(), fds,
                                 collate_fn=features.make_collate(fds), target_fn=features.offline_target_fn(fds, target))
             off_s = sum(off[1:]) / max(len(off) - 1, 1)
+            print(f"[bench] offline train step: {[round(x, 2) for x in off]} s", file=sys.stderr)
             result.update(cache_build_tokens_per_s=round(n * args.seq_len / cache_s, 1),
                           cache_bytes_per_token=round(m["stats"]["bytes_per_token"], 1),
                           offline_train_s_per_batch=round(off_s, 3),
