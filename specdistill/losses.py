@@ -43,21 +43,36 @@ def soft_cross_entropy(student: torch.Tensor, teacher_logp: torch.Tensor, reduct
     with p the target's distribution (not its sampled token). Its gradient equals forward KL's.
     """
     p = teacher_logp.detach().float().exp()
-    return _reduce(-(p * _logp(student)).sum(-1), reduction)
+    return _reduce(_neg_expected_logq(student, p), reduction)
 
 
-def forward_kl(student: torch.Tensor, teacher_logp: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+def _neg_expected_logq(student: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """-sum_v p(v) log q(v) = logsumexp(z) - sum_v p(v) z(v) for rows with sum_v p = 1.
+
+    Never materialises log_softmax(z): on a (tokens x 8192) output layer that saves several
+    memory-bound passes per unrolled step, and the gradient softmax(z) - p comes out directly.
+    """
+    z = student.float()
+    return torch.logsumexp(z, -1) - (p * z).sum(-1)
+
+
+def forward_kl(student: torch.Tensor, teacher_logp: torch.Tensor | None, reduction: str = "sum",
+               teacher_probs: torch.Tensor | None = None, teacher_neg_entropy: torch.Tensor | None = None) -> torch.Tensor:
     """KL(p || q) = sum_v p (log p - log q); p = teacher, q = student (mode-covering).
 
     The EAGLE-3 token loss (arXiv 2503.01840, Sec. 3.2: the draft is trained to match the target's
     distribution at every training-time-test step) and DistillSpec's FKL (arXiv 2310.08461, Table 1).
     Zero iff q == p; differs from `soft_cross_entropy` by the teacher entropy only.
+    `teacher_probs` (= exp(teacher_logp)) and `teacher_neg_entropy` (= sum p log p per row) may be
+    passed when one teacher serves several students (EAGLE-3's unrolled steps) to skip recomputing them.
     """
-    lp = teacher_logp.detach().float()
-    p = lp.exp()
-    # 0 * log 0 = 0: rows of a renormalised teacher can hold exact zeros (-inf log-probs).
-    per = torch.where(p > 0, p * (lp - _logp(student)), torch.zeros_like(p)).sum(-1)
-    return _reduce(per, reduction)
+    with torch.no_grad():
+        # With teacher_probs given, teacher_logp is not read (callers may pass None).
+        p = teacher_logp.detach().float().exp() if teacher_probs is None else teacher_probs.detach().float()
+        if teacher_neg_entropy is None:
+            # xlogy gives 0 * log 0 = 0: a teacher can hold exact zeros (-inf log-probs).
+            teacher_neg_entropy = torch.special.xlogy(p, p).sum(-1)
+    return _reduce(teacher_neg_entropy + _neg_expected_logq(student, p), reduction)
 
 
 def reverse_kl(student: torch.Tensor, teacher_logp: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -111,8 +126,11 @@ def topk_kd(student: torch.Tensor, teacher_logp: torch.Tensor, k: int, reduction
     lp = teacher_logp.detach().float()
     k = min(k, lp.shape[-1])
     top_lp, idx = lp.topk(k, dim=-1)
-    lq = _logp(student).gather(-1, idx)
-    return _reduce(-(top_lp.exp() * lq).sum(-1), reduction)
+    z = student.float()
+    w = top_lp.exp()
+    # log q(v) = z(v) - logsumexp(z): gather K logits instead of a full log_softmax.
+    per = w.sum(-1) * torch.logsumexp(z, -1) - (w * z.gather(-1, idx)).sum(-1)
+    return _reduce(per, reduction)
 
 
 def feature_regression(pred: torch.Tensor, target: torch.Tensor, beta: float = 1.0, reduction: str = "sum") -> torch.Tensor:

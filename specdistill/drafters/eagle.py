@@ -475,6 +475,9 @@ class EagleDrafter(nn.Module):
             return LossOutput(zero, 0, {})
         t_logp = self._target_logp(target_out, b, p)  # (N, Vd)
         t_top = t_logp.argmax(-1)
+        # The same teacher serves every unrolled step: its probabilities and entropy are computed once.
+        t_prob = t_logp.exp()
+        t_negent = torch.special.xlogy(t_prob, t_prob).sum(-1)
         w_tok, w_feat = cfg.token_weight(), cfg.feature_weight()
         feat_target = None
         if w_feat > 0:
@@ -503,22 +506,32 @@ class EagleDrafter(nn.Module):
             valid = p - 1 - j >= 0
             if not bool(valid.any()):
                 break
+            every = bool(valid.all())
+
+            def sel(x, every=every, valid=valid):
+                # Boolean indexing copies (tokens, Vd) rows; skip it when every row is kept.
+                return x if every else x[valid]
+
             o = out[b[valid], (p - 1 - j)[valid]]
-            logits = self.draft_logits(o)
+            # One fp32 copy of the (tokens, Vd) logits; every loss and the metric reuse it.
+            logits = self.draft_logits(o).float()
             w_step = cfg.step_loss_decay ** j
-            lt = token_fn(logits, t_logp[valid])
+            if cfg.token_loss == "forward_kl":
+                lt = losses.forward_kl(logits, None, teacher_probs=sel(t_prob), teacher_neg_entropy=sel(t_negent))
+            else:
+                lt = token_fn(logits, sel(t_logp))
             step_loss = w_tok * lt
             metrics[f"loss_token_step{j}"] = lt.detach()
             if cfg.hass_topk > 0:
-                lk = losses.topk_kd(logits, t_logp[valid], cfg.hass_topk)
+                lk = losses.topk_kd(logits, sel(t_logp), cfg.hass_topk)
                 step_loss = step_loss + cfg.hass_topk_weight * lk
                 metrics[f"loss_topk_step{j}"] = lk.detach()
             if feat_target is not None:
-                lf = losses.feature_regression(o, feat_target[valid])
+                lf = losses.feature_regression(o, sel(feat_target))
                 step_loss = step_loss + w_feat * lf
                 metrics[f"loss_feature_step{j}"] = lf.detach()
             total = total + w_step * step_loss
-            metrics[f"correct_step{j}"] = (logits.detach().argmax(-1) == t_top[valid]).sum()
+            metrics[f"correct_step{j}"] = (logits.detach().argmax(-1) == sel(t_top)).sum()
             metrics[f"tokens_step{j}"] = valid.sum()
             # The next step reads this step's own output (TTT / HASS alignment), not the target's.
             hidden_in = out
