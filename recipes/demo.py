@@ -22,7 +22,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = config.load("demo", argv)
     results = {}
-    if (REFERENCE / "config.json").exists():
+    if cfg.target.name != "default":
+        print("== the shipped reference drafter is for target=default; not scoring it against this target")
+    elif (REFERENCE / "config.json").exists():
         print(f"== scoring the shipped reference drafter {REFERENCE}")
         results["reference"] = pipeline.score(cfg, REFERENCE, Path(cfg.train.output_dir) / "reference_eval")
     else:

@@ -8,6 +8,8 @@ Papers and config keys: docs/papers.md#eagle. Every key: `specdistill config eag
 
 import sys
 
+from accelerate.utils import set_seed
+
 from specdistill import config, drafters, pipeline, targets
 from specdistill.train import Trainer
 
@@ -16,6 +18,7 @@ RECIPE = "eagle"
 
 def main(argv=None, recipe=RECIPE):
     cfg = config.load(recipe, sys.argv[1:] if argv is None else argv)
+    set_seed(cfg.train.seed)  # the drafter's initial weights must not depend on the process or run
     target = targets.load(cfg.target)
     drafter = drafters.build(cfg.drafter, target)
     run = pipeline.training_data(cfg, target, drafter)
