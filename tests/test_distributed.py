@@ -321,6 +321,31 @@ def test_check_topology_refuses_disagreeing_deepspeed_batch(monkeypatch, key, va
         check_topology(_acc(conf=conf), _tc())
 
 
+def test_check_topology_with_accelerates_own_deepspeed_plugin(monkeypatch):
+    from accelerate.utils import DeepSpeedPlugin
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for k in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(k)
+
+    def acc(plugin):
+        return SimpleNamespace(num_processes=1, distributed_type=SimpleNamespace(name="DEEPSPEED"),
+                               gradient_accumulation_steps=2, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    # what zero2.yaml gives: every batch key "auto" -> filled from train.*
+    yaml_plugin = DeepSpeedPlugin(zero_stage=2)
+    check_topology(acc(yaml_plugin), _tc(mb=4, ga=2, clip=0.5))
+    conf = yaml_plugin.deepspeed_config
+    assert (conf["train_micro_batch_size_per_gpu"], conf["gradient_accumulation_steps"], conf["gradient_clipping"],
+            conf["train_batch_size"]) == (4, 2, 0.5, 8)
+    # a DeepSpeed JSON with its own micro-batch and no accumulation key (accelerate then assumes 1 and
+    # would quietly use it): refused, naming both keys
+    json_plugin = DeepSpeedPlugin(hf_ds_config={"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}})
+    with pytest.raises(TopologyError) as e:
+        check_topology(acc(json_plugin), _tc(mb=4, ga=2))
+    assert "train_micro_batch_size_per_gpu = 8" in str(e.value) and "gradient_accumulation_steps = 1" in str(e.value)
+
+
 def test_check_topology_catches_broken_launches(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(TopologyError, match="accelerate sees 1"):
