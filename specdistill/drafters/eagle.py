@@ -285,10 +285,12 @@ class EagleDrafter(nn.Module):
         self.layers = nn.ModuleList([EagleDecoderLayer(lc, fused=False, input_norm=True)
                                      for _ in range(cfg.num_layers - 1)])
         self.rotary = LlamaRotaryEmbedding(lc)
-        # Frozen target tensors: buffers share the target's storage (no copy, never saved, never trained).
-        self.register_buffer("embed_weight", target.embed_tokens.weight.detach(), persistent=False)
-        self.register_buffer("target_head", target.lm_head.weight.detach(), persistent=False)
-        self.register_buffer("target_norm", target.final_norm.weight.detach(), persistent=False)
+        # Frozen target tensors, held outside the module tree: they share the target's storage (no
+        # copy), are never saved or trained, and DDP does not re-broadcast them every step as it
+        # would buffers (the embedding and head are 2 x 113 MB here). `_apply` keeps .to() working.
+        emb, head = target.embed_tokens.weight, target.lm_head.weight
+        self._frozen = {"embed": emb.detach(), "norm": target.final_norm.weight.detach()}
+        self._frozen["head"] = self._frozen["embed"] if head is emb else head.detach()
         self.target_norm_eps = float(getattr(target.final_norm, "variance_epsilon", self.eps))
         vd = self.draft_vocab_size
         # d2t/t2d: FORMATS.md 1.1; identity until set_vocab_map (a reduced vocab demands a real map).
@@ -302,6 +304,28 @@ class EagleDrafter(nn.Module):
         self._init_weights(lc.initializer_range if hasattr(lc, "initializer_range") else 0.02)
 
     # -- construction helpers ----------------------------------------------------------------
+
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        return self._frozen["embed"]
+
+    @property
+    def target_head(self) -> torch.Tensor:
+        return self._frozen["head"]
+
+    @property
+    def target_norm(self) -> torch.Tensor:
+        return self._frozen["norm"]
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        # .to(device/dtype) must reach the frozen target tensors too; tied embed/head stay one tensor.
+        done: dict[int, torch.Tensor] = {}
+        for k, v in getattr(self, "_frozen", {}).items():
+            if id(v) not in done:
+                done[id(v)] = fn(v)
+            self._frozen[k] = done[id(v)]
+        return self
 
     def _init_weights(self, std: float):
         for m in self.modules():

@@ -100,7 +100,10 @@ def test_loss_decreases_and_only_drafter_trains(target, batch, name):
     assert set(changed) == set(params_before), set(params_before) - set(changed)
     # The target's tensors are never parameters or saved state of the drafter.
     assert not any(k.startswith(("embed", "target_")) for k in d.state_dict())
-    assert all(p.data_ptr() != t.data_ptr() for p in d.parameters() for t in target.parameters())
+    target_ptrs = {t.data_ptr() for t in target.parameters()}
+    assert not any(p.data_ptr() in target_ptrs for p in d.parameters())
+    # Not even as buffers: DDP would re-broadcast the 2 x 113 MB embedding/head every step.
+    assert not any(bf.data_ptr() in target_ptrs for bf in d.buffers())
 
 
 def test_loss_contract_sums_and_metrics(target, batch):
@@ -212,6 +215,13 @@ def test_config_errors_name_the_key(target):
     assert EagleConfig(variant="eagle1", hass_align_steps=3).unroll_steps() == 3
     assert EagleConfig(variant="eagle1").unroll_steps() == 1
     assert EagleConfig(variant="eagle1").token_weight() == 0.1
+
+
+def test_to_dtype_reaches_frozen_target_tensors(target, batch):
+    d = _build(target, batch, variant="eagle1")
+    h = d.to(torch.bfloat16)
+    assert h.embed_weight.dtype == torch.bfloat16 and h.target_head is h.embed_weight  # tied stays tied
+    assert target.embed_tokens.weight.dtype == torch.float32  # the target itself is untouched
 
 
 def test_bf16_autocast_loss_is_finite_and_backprops(target, batch):
