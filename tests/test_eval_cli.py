@@ -145,8 +145,13 @@ def test_eval_cli_pld_on_embedded_target(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sys, "argv", ["specdistill", "eval"])
     out = tmp_path / "ev"
-    rc = cli.main(["eval", "--drafter", "pld", "--limit-per-category", "1", "--categories", "writing,translation",
-                   "--max-new-tokens", "16", "--out", str(out), "--no-progress"])
+    threads = torch.get_num_threads()
+    try:  # one thread: on a shared 2-core box two threads made decoding 10x slower
+        rc = cli.main(["eval", "--drafter", "pld", "--limit-per-category", "1", "--categories",
+                       "writing,translation", "--max-new-tokens", "16", "--out", str(out), "--no-progress",
+                       "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     assert rc in (None, 0)
     res = json.loads((out / "eval.json").read_text())
     assert res["overall"]["identical_to_greedy"] is True

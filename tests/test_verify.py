@@ -214,7 +214,8 @@ def test_hidden_states_and_rollback_match_fresh_forward(setup):
         checker = HiddenChecker(target, inner, [0, 1, 2])
         res = ver.generate(prompt, checker, max_new_tokens=25, eos_token_ids=NO_EOS)
         assert res.tokens == ref[:25]
-        assert checker.checked == res.steps - 1  # the first pass is the prefill (no features yet)
+        # the first pass is the prefill (no features yet); a last pass with one token left drafts nothing
+        assert checker.checked in (res.steps - 1, res.steps - 2)
         assert res.draft_size_per_step[0] == 0
 
 

@@ -20,6 +20,9 @@ class ProposerState:
 
     tokens: torch.Tensor
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    max_depth: int | None = None
+    """Deepest draft position the verifier will use (the token budget left minus the bonus token);
+    deeper nodes are dropped, so a proposer may stop drafting there. None = no limit."""
 
 
 @dataclass

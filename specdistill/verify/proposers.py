@@ -45,12 +45,13 @@ class PromptLookupProposer(Proposer):
     def propose(self, state: ProposerState) -> DraftTree:
         toks = state.tokens
         L = toks.numel()
+        k = min(self.k, state.max_depth) if state.max_depth else self.k
         found: list[list[int]] = []
         for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
             windows = toks[:L - 1].unfold(0, n, 1)  # windows[i] = toks[i:i+n], all end before the last token
             hits = (windows == toks[L - n:]).all(dim=1).nonzero().flatten().tolist()
             for start in reversed(hits):  # most recent first
-                cont = toks[start + n:start + n + self.k].tolist()
+                cont = toks[start + n:start + n + k].tolist()
                 if cont and cont not in found:
                     found.append(cont)
                     if len(found) >= self.branches:
@@ -82,8 +83,7 @@ class DraftModelProposer(Proposer):
     the longest prefix still committed, so accepted tokens are never recomputed. With temperature > 0
     it samples from its own warped distribution and reports it in `DraftTree.probs`.
 
-    `confidence_threshold` > 0 stops a draft early once the draft's own probability of its next
-    token falls below it (the dynamic draft length of HF assisted generation): low-confidence
+    `confidence_threshold` > 0 ends a draft at the first token whose draft probability is below it (the dynamic draft length of HF assisted generation): low-confidence
     tokens are mostly rejected, so drafting them only costs time. The stopping rule looks at draft
     quantities only, so sampling stays lossless.
 
@@ -132,11 +132,12 @@ class DraftModelProposer(Proposer):
             self.cache.crop(keep - self.fed.numel())
         logits = self._step(toks[keep:])
         if self.tree:
-            return self._propose_tree(toks, logits)
+            return self._propose_tree(toks, logits, state.max_depth)
         drafted: list[int] = []
         fed: list[int] = []
         rows = []
-        for j in range(self.k):
+        k = min(self.k, state.max_depth) if state.max_depth else self.k
+        for j in range(k):
             if self.temperature > 0:
                 q = sampling.warp(logits, self.temperature, self.top_p, self.top_k)
                 x = int(torch.multinomial(q, 1, generator=self.generator))
@@ -145,11 +146,10 @@ class DraftModelProposer(Proposer):
             else:
                 x = int(logits.argmax())
                 conf = float(torch.softmax(logits.float(), -1)[x]) if self.confidence_threshold > 0 else 1.0
-            if j > 0 and conf < self.confidence_threshold:
-                rows = rows[:j]
-                break
             drafted.append(x)
-            if j + 1 < self.k:
+            if conf < self.confidence_threshold:
+                break  # keep this token (it may still be right) but draft no further
+            if j + 1 < k:
                 logits = self._step(torch.tensor([x]))
                 fed.append(x)
         self.fed = torch.cat([toks, torch.tensor(fed, dtype=torch.long)])
@@ -171,7 +171,7 @@ class DraftModelProposer(Proposer):
             q = q / q.sum()
         return picks, rows
 
-    def _propose_tree(self, toks: torch.Tensor, root_logits: torch.Tensor) -> DraftTree:
+    def _propose_tree(self, toks: torch.Tensor, root_logits: torch.Tensor, max_depth: int | None) -> DraftTree:
         L = toks.numel()  # the draft cache now holds all committed tokens
         tokens: list[int] = []
         parents: list[int] = []
@@ -179,7 +179,8 @@ class DraftModelProposer(Proposer):
         ancestors: list[list[int]] = []  # per node: fed-order indices of itself and its ancestors
         frontier = [(-1, root_logits)]
         fed = 0
-        for d, width in enumerate(self.tree):
+        widths = self.tree[:max_depth] if max_depth else self.tree
+        for d, width in enumerate(widths):
             new = []
             for parent, logits in frontier:
                 picks, prow = self._pick(logits, width)
@@ -189,7 +190,7 @@ class DraftModelProposer(Proposer):
                     if prow:
                         rows.append(prow[j])
                     new.append(len(tokens) - 1)
-            if d + 1 == len(self.tree) or not new:
+            if d + 1 == len(widths) or not new:
                 break
             # Feed this depth's nodes together; each sees the committed prefix and its own ancestors.
             q = len(new)

@@ -186,12 +186,13 @@ class Verifier:
             while True:
                 remaining = plen + max_new_tokens - length
                 t0 = time.perf_counter()
-                if capture.layers and res.steps == 0:
+                if (capture.layers and res.steps == 0) or remaining <= 1:
                     # A feature-based drafter has nothing to draft from before the prefill has
-                    # produced target hidden states, so the first pass is a plain prefill.
+                    # produced target hidden states, so the first pass is a plain prefill; and with
+                    # one token left only the bonus token can be used.
                     draft = DraftTree.empty()
                 else:
-                    draft = proposer.propose(ProposerState(buf[:length], hidden))
+                    draft = proposer.propose(ProposerState(buf[:length], hidden, remaining - 1))
                     treeops.validate(draft, self.vocab_size)
                     draft = treeops.truncate_depth(draft, remaining - 1)
                 t1 = time.perf_counter()
