@@ -7,7 +7,8 @@ Pairs (greedy; first turn of each question through the chat template):
   plain : our plain decoding            vs HF generate()
   pld   : our PromptLookupProposer      vs HF generate(prompt_lookup_num_tokens=k)
   draft : our DraftModelProposer        vs HF generate(assistant_model=...)   (draft = target's first 4 layers)
-Runs are interleaved prompt by prompt so machine-load drift hits every method alike. `ratio` is our
+Runs are interleaved prompt by prompt (alternating which of a pair goes first) so machine-load
+drift hits every method alike. `ratio` is our
 tokens/s over HF's with the same drafter; `identical_to_plain` checks every output against our plain
 greedy output. HF's tau is counted with a forward hook on the target.
 """
@@ -90,13 +91,14 @@ def main(argv=None) -> dict:
             N = saved
 
     acc = {f"{n}_{w}": {"tokens": 0, "wall": 0.0, "passes": 0, "identical": True} for n in pairs for w in ("ours", "hf")}
-    for ids in prompts:
+    for i, ids in enumerate(prompts):
         reference = None
         for name in pairs:
-            for who, run in zip(("ours", "hf"), runners[name]):
+            order = [("ours", runners[name][0]), ("hf", runners[name][1])]
+            for who, run in (order if i % 2 == 0 else order[::-1]):  # alternate who runs first
                 toks, wall, steps = run(ids)
                 if reference is None:
-                    reference = toks  # our plain greedy output (or the first method run)
+                    reference = toks  # the first output of this prompt; every method must match it
                 a = acc[f"{name}_{who}"]
                 a["tokens"] += len(toks)
                 a["wall"] += wall
