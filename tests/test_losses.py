@@ -118,3 +118,21 @@ def test_ctc_matches_brute_force():
             total += math.exp(sum(lp[i, 0, c].item() for i, c in enumerate(path)))
     got = losses.ctc(lp, torch.tensor([[1, 2]]), torch.tensor([3]), torch.tensor([2]))
     assert abs(got.item() - (-math.log(total))) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_forward_kl_matches_value_and_gradient(dtype):
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(37, 50, generator=g) * 3).to(dtype)
+    lp = F.log_softmax(torch.randn(37, 50, generator=g) * 2, -1)
+    w = torch.rand(37, generator=g)
+    a = z.clone().requires_grad_(True)
+    ref = losses.forward_kl(a.float(), lp, reduction="none")
+    (ref * w).sum().backward()
+    b = z.clone().requires_grad_(True)
+    got, top = losses.forward_kl_chunked(b, lp.exp(), chunk_rows=8)
+    (got * w).sum().backward()
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(top, z.float().argmax(-1))
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    assert b.grad.dtype == dtype and torch.allclose(b.grad.float(), a.grad.float(), atol=tol)

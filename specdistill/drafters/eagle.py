@@ -537,13 +537,15 @@ class EagleDrafter(nn.Module):
                 return x if every else x[valid]
 
             o = out[b[valid], (p - 1 - j)[valid]]
-            # One fp32 copy of the (tokens, Vd) logits; every loss and the metric reuse it.
-            logits = self.draft_logits(o).float()
+            logits = self.draft_logits(o)  # (n, Vd), bf16 under autocast
             w_step = cfg.step_loss_decay ** j
             if cfg.token_loss == "forward_kl":
-                lt = losses.forward_kl(logits, None, teacher_probs=sel(t_prob), teacher_neg_entropy=sel(t_negent))
+                # The output layer's loss dominates a step: the chunked kernel keeps it in cache.
+                lt, top = losses.forward_kl_chunked(logits, sel(t_prob), sel(t_negent))
+                lt = lt.sum()
             else:
                 lt = token_fn(logits, sel(t_logp))
+                top = logits.detach().float().argmax(-1)
             step_loss = w_tok * lt
             metrics[f"loss_token_step{j}"] = lt.detach()
             if cfg.hass_topk > 0:
@@ -555,7 +557,7 @@ class EagleDrafter(nn.Module):
                 step_loss = step_loss + w_feat * lf
                 metrics[f"loss_feature_step{j}"] = lf.detach()
             total = total + w_step * step_loss
-            metrics[f"correct_step{j}"] = (logits.detach().argmax(-1) == sel(t_top)).sum()
+            metrics[f"correct_step{j}"] = (top == sel(t_top)).sum()
             metrics[f"tokens_step{j}"] = valid.sum()
             # The next step reads this step's own output (TTT / HASS alignment), not the target's.
             hidden_in = out
@@ -672,7 +674,7 @@ class EagleProposer(Proposer):
         toks = []
         out = self.last_out
         for i in range(self.k):
-            tid = int(self._logp(out).argmax())
+            tid = int(d.draft_logits(out).argmax())  # greedy: the softmax is not needed
             toks.append(tid)
             if i == self.k - 1:
                 break
