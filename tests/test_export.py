@@ -428,3 +428,39 @@ def test_verifier_loader_claims_exports(tmp_path, target4):
         assert p.k == 3 and p.mode == "chain" and tuple(p.target_layers) == (1, 2, 3)
     p = loading.load_proposer(str(out["native"]), target4, tree=(4, 2, 1))
     assert p.mode == "tree" and p.depth == 3 and p.topk == 4 and p.budget == 4 + 8 + 8
+
+
+@pytest.mark.parametrize("fmt", ["native", "sglang", "vllm"])
+def test_exported_drafter_scores_the_same(tmp_path, target4, fmt):
+    """Inside the verifier, an fp32 export proposes exactly the drafts the trained drafter proposes
+    (so tau and acceptance are the same), step for step."""
+    from specdistill.verify import loading
+    from specdistill.verify.verifier import Verifier
+
+    torch.set_num_threads(1)
+    d = _eagle(target4, variant="eagle3", layer_ids=[1, 2, 3], draft_vocab_size=32)
+    with torch.no_grad():  # a random drafter of this size always drafts one token; make its drafts vary
+        torch.manual_seed(0)
+        for p in d.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    out = ex.write(d, ExportConfig(dtype="float32", formats=[fmt]), tmp_path, target4)
+
+    def recording(p):
+        drafts, inner = [], p.propose
+
+        def propose(state):
+            t = inner(state)
+            drafts.append(t.tokens.tolist())
+            return t
+
+        p.propose = propose
+        return p, drafts
+
+    prompt = torch.randint(5, 128, (10,), generator=torch.Generator().manual_seed(3)).tolist()
+    ver = Verifier(target4)
+    pa, da = recording(d.proposer(target4, mode="chain", k=3))
+    pb, db = recording(loading.load_proposer(str(out[fmt]), target4, num_draft_tokens=3))
+    a = ver.generate(prompt, pa, max_new_tokens=24)
+    b = ver.generate(prompt, pb, max_new_tokens=24)
+    assert a.tokens == b.tokens and a.accepted_per_step == b.accepted_per_step
+    assert da == db and len(da) >= 10 and len({tuple(x) for x in da}) > 3

@@ -120,3 +120,13 @@ def test_finished_conversations_survive_an_interruption(tmp_path, tiny_target, t
     monkeypatch.setattr(rg.Generator, "generate", real)
     s = rg.regenerate([short, long], tiny_target, out, max_new_tokens=3, batch_size=2)
     assert s["skipped_done"] == 1 and [r["id"] for r in _lines(out)] == ["s", "l"]
+
+
+def test_sampling_is_seeded(tmp_path, tiny_target, tiny_conversations):
+    kw = {"max_new_tokens": 6, "batch_size": 2, "temperature": 1.0}
+    a = rg.regenerate(tiny_conversations[:2], tiny_target, tmp_path / "a.jsonl", seed=1, **kw)
+    rg.regenerate(tiny_conversations[:2], tiny_target, tmp_path / "b.jsonl", seed=1, **kw)
+    rg.regenerate(tiny_conversations[:2], tiny_target, tmp_path / "c.jsonl", seed=2, **kw)
+    ra, rb, rc = (_lines(tmp_path / f"{x}.jsonl") for x in "abc")
+    assert a["written"] == 2 and ra == rb and ra != rc
+    assert all(r["regenerated"]["temperature"] == 1.0 for r in ra)
