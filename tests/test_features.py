@@ -225,3 +225,35 @@ def test_cli_features_then_open_for(tmp_path, sharegpt_file):
     train = features.open_for(dcfg, target, [2, 1], root=root, split="train")
     val = features.open_for(dcfg, target, [1, 2], root=root, split="val")
     assert len(train) + len(val) == 24 and len(train) > 0 and train.aux_layers == [1, 2]
+
+
+def test_trainer_runs_offline_and_matches_online_first_loss(tmp_path):
+    """train.features=offline through the real Trainer: same first-step loss as online (bf16 cache)."""
+    from conftest import make_llama, make_tokenizer
+
+    import specdistill.drafters.eagle  # noqa: F401
+    from specdistill import config, drafters
+    from specdistill.targets import TargetModel
+    from specdistill.train import Trainer
+
+    torch.set_num_threads(1)
+    target = TargetModel(make_llama(layers=4), make_tokenizer(), name="tiny-llama-4")
+    samples = _samples(8, 5)
+    losses = {}
+    for mode in ("online", "offline"):
+        cfg = config.load(None, ["drafter.name=eagle", "drafter.layer_ids=[1,2,3]", f"train.output_dir={tmp_path / mode}",
+                                 "train.micro_batch_size=4", "train.max_steps=2", "train.warmup_steps=0",
+                                 "train.eval_every=0", "train.progress=false", "train.trackers=[none]",
+                                 f"train.features={mode}"])
+        torch.manual_seed(0)
+        d = drafters.build(cfg.drafter, target)
+        if mode == "offline":
+            features.build_cache(target, {"train": samples}, [1, 2, 3], tmp_path / "cache", shard_samples=4)
+            ds = features.open_cache(tmp_path / "cache")
+            tr = Trainer(cfg, target, d, ds, None, collate_fn=features.make_collate(ds),
+                         target_fn=features.offline_target_fn(ds, target))
+        else:
+            tr = Trainer(cfg, target, d, samples, None)
+        losses[mode] = tr.fit()["losses"]
+    assert len(losses["offline"]) == 2
+    assert losses["offline"][0] == pytest.approx(losses["online"][0], rel=1e-3)
