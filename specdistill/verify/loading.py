@@ -122,6 +122,7 @@ def _import_families() -> None:
     """Importing the drafters package runs the families' `register_loader` calls."""
     try:
         import specdistill.drafters  # noqa: F401
+        import specdistill.export  # noqa: F401  (registers loaders for export and checkpoint dirs)
     except ImportError as e:  # a broken family must not make pld/hf drafters unusable
         log.warning("could not import specdistill.drafters (%s); only built-in loaders are available", e)
 
