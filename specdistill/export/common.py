@@ -157,6 +157,7 @@ def metadata(drafter, target, fmt: str, dtype: str) -> dict:
         "variant": getattr(drafter.cfg, "variant", None),
         "drafter_config": drafter_config_dict(drafter),
         "target": target_name(target),
+        "target_license": getattr(target, "license", "") or None,
         "target_num_layers": int(target.num_layers),
         "layer_ids": layer_ids(drafter, target),
         "layer_convention": LAYER_CONVENTION,

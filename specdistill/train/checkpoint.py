@@ -49,6 +49,10 @@ def latest(out_dir: str | Path) -> Path | None:
     return d
 
 
+def saved_num_processes(ckpt: Path) -> int:
+    return int(json.loads((Path(ckpt) / "trainer_state.json").read_text()).get("num_processes", 1))
+
+
 def list_steps(out_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for p in out_dir.iterdir() if out_dir.exists() else []:

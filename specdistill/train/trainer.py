@@ -167,6 +167,13 @@ class Trainer:
         ckpt = checkpoint.latest(self.out_dir)
         if ckpt is None:
             return
+        saved_procs = checkpoint.saved_num_processes(ckpt)
+        if self.is_deepspeed and saved_procs != self.accelerator.num_processes:
+            raise ValueError(f"{ckpt}: a DeepSpeed checkpoint written by {saved_procs} processes cannot resume on "
+                             f"{self.accelerator.num_processes} (ZeRO partitions the optimizer state per rank); "
+                             f"relaunch with --nproc {saved_procs}")
+        if not self.is_deepspeed and not (ckpt / "optimizer.pt").exists():
+            raise ValueError(f"{ckpt}: written under DeepSpeed; resume it under DeepSpeed (./launch.sh ... --zero N)")
         drafter = self.accelerator.unwrap_model(self.model).drafter
         st = checkpoint.load(self.accelerator, ckpt, drafter, self.optimizer,
                              deepspeed_models=self.model if self.is_deepspeed else None)
