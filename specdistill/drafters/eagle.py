@@ -317,6 +317,16 @@ class EagleDrafter(nn.Module):
     def target_norm(self) -> torch.Tensor:
         return self._frozen["norm"]
 
+    def head_rows(self) -> torch.Tensor:
+        """The target LM head's rows of the draft vocabulary (Vd, H), sliced once per vocab map:
+        a fresh slice would copy Vd x H weights on every training step and every draft step."""
+        if self.draft_vocab_size == self.vocab_size:
+            return self.target_head
+        rows = self._frozen.get("head_rows")
+        if rows is None or rows.dtype != self.target_head.dtype or rows.device != self.target_head.device:
+            rows = self._frozen["head_rows"] = self.target_head[self.draft_ids.to(self.target_head.device)]
+        return rows
+
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         # .to(device/dtype) must reach the frozen target tensors too; tied embed/head stay one tensor.
@@ -354,14 +364,16 @@ class EagleDrafter(nn.Module):
             self.t2d.copy_(t2d)
             self.draft_ids.copy_(ids.to(self.draft_ids.device))
             self.vocab_map_ready.fill_(True)
+            self._frozen.pop("head_rows", None)
             if self.cfg.variant == "eagle3" and self.cfg.init_from_target:
-                self.lm_head.weight.copy_(self.target_head[self.draft_ids].to(self.lm_head.weight.dtype))
+                self.lm_head.weight.copy_(self.head_rows().to(self.lm_head.weight.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # draft_ids is derived from the persistent d2t; keep it in sync after a checkpoint load.
         with torch.no_grad():
             self.draft_ids.copy_(torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t)
+        self._frozen.pop("head_rows", None)
 
     def _check_ready(self):
         if not bool(self.vocab_map_ready):
@@ -389,7 +401,7 @@ class EagleDrafter(nn.Module):
         """
         sd = {k: v.detach() for k, v in self.state_dict().items() if k != "vocab_map_ready"}
         if self.cfg.variant == "eagle1":
-            sd["lm_head.weight"] = self.target_head[self.draft_ids].detach()
+            sd["lm_head.weight"] = self.head_rows().detach().clone()
         return sd
 
     def proposer(self, target=None, **opts) -> EagleProposer:
@@ -439,7 +451,7 @@ class EagleDrafter(nn.Module):
         """Logits over the draft vocabulary (Vd) from the drafter's output hidden state."""
         if self.cfg.variant == "eagle3":
             return self.lm_head(self.norm(out))
-        w = self.target_head if self.draft_vocab_size == self.vocab_size else self.target_head[self.draft_ids]
+        w = self.head_rows()
         return F.linear(out, w.to(out.dtype) if not torch.is_autocast_enabled() else w)
 
     # -- training ----------------------------------------------------------------------------
@@ -468,7 +480,7 @@ class EagleDrafter(nn.Module):
             last = target_out.last_hidden[b, p]
         else:
             last = self._top_norm(target_out.hidden_states[self.num_target_layers][b, p])
-        w = self.target_head if self.draft_vocab_size == self.vocab_size else self.target_head[self.draft_ids]
+        w = self.head_rows()
         # fp32 labels even under bf16 autocast: bf16 flips the target argmax on ~8% of positions.
         with torch.autocast(last.device.type, enabled=False):
             z = F.linear(last.float(), w.float())
