@@ -255,7 +255,8 @@ def add_arguments(p) -> None:
     p.add_argument("--num-draft-tokens", type=int, default=5, help="draft length / tree depth")
     p.add_argument("--draft-confidence", type=float, default=0.0,
                    help="draft models: stop a draft when its next token's probability is below this")
-    p.add_argument("--tree", default=None, help="tree branching per depth, e.g. 3,2,1 (pld: branches = first)")
+    p.add_argument("--tree", default=None, help="tree drafts: branching per depth, e.g. 3,2,1 (draft models: depth = len, "
+                   "--num-draft-tokens ignored; pld: the first number = matches merged into a trie)")
     p.add_argument("--no-baseline", action="store_true", help="skip plain decoding (no speed-up, no identity check)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--no-progress", action="store_true")

@@ -82,7 +82,7 @@ def accept_sampling(probs: torch.Tensor, tokens: list[int], kids: dict[int, list
                 p = p.clone()
                 p[x] = 0.0
             else:
-                p = torch.clamp(p - draft_probs[c].to(p.dtype), min=0.0)
+                p = torch.clamp(p - draft_probs[c].to(p), min=0.0)
             total = float(p.sum())
             if total <= 0.0:
                 # Only reachable through rounding when p == q (then the token is always accepted).

@@ -202,7 +202,7 @@ class Verifier:
                 pending = length - cached
                 parents = draft.parents.tolist()
                 dtokens = draft.tokens.tolist()
-                ids = torch.cat([buf[cached:length], draft.tokens])[None].to(device)
+                ids = torch.cat([buf[cached:length], draft.tokens.cpu()])[None].to(device)
                 if n == 0 or draft.is_chain():
                     mask = pos = None  # plain causal attention is the chain's tree mask
                 else:
