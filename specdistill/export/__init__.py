@@ -56,11 +56,7 @@ def write(drafter, export_cfg, out_root: str | Path | None, target) -> dict[str,
     out = {}
     for f, (cfg, tensors) in built.items():
         meta = common.metadata(drafter, target, f, dtype)
-        out[f] = common.write_dir(root / f, {
-            "config.json": common.json_writer(cfg),
-            "model.safetensors": common.safetensors_writer(tensors),
-            "specdistill_export.json": common.json_writer(meta),
-        })
+        out[f] = common.write_export(root / f, cfg, tensors, meta)
     return out
 
 

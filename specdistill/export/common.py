@@ -168,10 +168,11 @@ def metadata(drafter, target, fmt: str, dtype: str) -> dict:
     }
 
 
-def write_dir(out_dir: Path, files: dict[str, Callable[[Path], None]]) -> Path:
-    """Write every file into a temp sibling directory, then swap it into place atomically.
+def atomic_dir(out_dir: Path, fill: Callable[[Path], object]):
+    """Run `fill(tmp)` on a temp sibling directory, then swap it into place atomically.
 
-    A crash leaves either the previous export or nothing at `out_dir`, never a half-written one.
+    A crash leaves either the previous directory or nothing at `out_dir`, never a half-written one.
+    Returns what `fill` returned.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -180,8 +181,7 @@ def write_dir(out_dir: Path, files: dict[str, Callable[[Path], None]]) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        for name, fn in files.items():
-            fn(tmp / name)
+        result = fill(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -189,7 +189,33 @@ def write_dir(out_dir: Path, files: dict[str, Callable[[Path], None]]) -> Path:
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return result
+
+
+def write_dir(out_dir: Path, files: dict[str, Callable[[Path], None]]) -> Path:
+    """Write every file of `files` (name -> writer) into `out_dir` atomically (see atomic_dir)."""
+
+    def fill(tmp: Path) -> None:
+        for name, fn in files.items():
+            fn(tmp / name)
+
+    atomic_dir(out_dir, fill)
+    return Path(out_dir)
+
+
+def write_export(out_dir: Path, cfg: dict, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """The three files every export format writes: config.json, model.safetensors, specdistill_export.json."""
+    return write_dir(Path(out_dir), {
+        "config.json": json_writer(cfg),
+        "model.safetensors": safetensors_writer(tensors),
+        "specdistill_export.json": json_writer(meta),
+    })
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def json_writer(obj: dict) -> Callable[[Path], None]:

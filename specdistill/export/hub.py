@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from specdistill.export import card as card_mod
+from specdistill.export import common
 
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 WEIGHT_SUFFIXES = (".safetensors",)
@@ -83,20 +84,7 @@ def write_local(export_dir: Path, to: Path, repo_id: str, force: bool) -> list[t
         raise PublishError(f"--to {to}: must not be the export directory or inside it")
     if to.exists() and any(to.iterdir()) and not force:
         raise PublishError(f"--to {to}: exists and is not empty; pass --force to replace it")
-    to.parent.mkdir(parents=True, exist_ok=True)
-    tmp = to.parent / f".{to.name}.tmp{os.getpid()}"
-    old = to.parent / f".{to.name}.old{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        listing = stage(export_dir, repo_id, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if to.exists():
-        os.replace(to, old)
-    os.replace(tmp, to)
-    shutil.rmtree(old, ignore_errors=True)
-    return listing
+    return common.atomic_dir(to, lambda tmp: stage(export_dir, repo_id, tmp))
 
 
 def get_token() -> str | None:

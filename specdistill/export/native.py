@@ -72,11 +72,7 @@ def write(drafter, target, out_dir: str | Path, dtype: str = "float32") -> Path:
     cfg, tensors = build(drafter, target, dtype)
     check(cfg, tensors, target.num_layers)
     meta = common.metadata(drafter, target, FORMAT, dtype)
-    return common.write_dir(Path(out_dir), {
-        "config.json": common.json_writer(cfg),
-        "model.safetensors": common.safetensors_writer(tensors),
-        "specdistill_export.json": common.json_writer(meta),
-    })
+    return common.write_export(Path(out_dir), cfg, tensors, meta)
 
 
 def is_native_dir(path: str | Path) -> bool:

@@ -48,7 +48,7 @@ def build(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
         "pretraining_tp": 1,
         "tie_word_embeddings": False,
         "torch_dtype": dtype,
-        "transformers_version": _transformers_version(),
+        "transformers_version": common.transformers_version(),
         "use_cache": True,
         "vocab_size": d["vocab_size"],
         "draft_vocab_size": d["draft_vocab_size"],
@@ -67,14 +67,5 @@ def write(drafter, target, out_dir: str | Path, dtype: str = "bfloat16") -> Path
     cfg, tensors = build(drafter, target, dtype)
     contracts.check_sglang(cfg, tensors, target.num_layers)
     meta = common.metadata(drafter, target, FORMAT, dtype)
-    return common.write_dir(Path(out_dir), {
-        "config.json": common.json_writer(cfg),
-        "model.safetensors": common.safetensors_writer(tensors),
-        "specdistill_export.json": common.json_writer(meta),
-    })
+    return common.write_export(Path(out_dir), cfg, tensors, meta)
 
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__

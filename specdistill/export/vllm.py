@@ -80,7 +80,7 @@ def build(drafter, target, dtype: str = "bfloat16", speculative_tokens: int = 3)
         "norm_before_residual": d["norm_before_residual"],
         "tie_word_embeddings": False,
         "torch_dtype": dtype,
-        "transformers_version": _transformers_version(),
+        "transformers_version": common.transformers_version(),
         "transformer_layer_config": layer,
     }
     return cfg, tensors
@@ -90,14 +90,5 @@ def write(drafter, target, out_dir: str | Path, dtype: str = "bfloat16", specula
     cfg, tensors = build(drafter, target, dtype, speculative_tokens)
     contracts.check_vllm(cfg, tensors, target.num_layers)
     meta = common.metadata(drafter, target, FORMAT, dtype)
-    return common.write_dir(Path(out_dir), {
-        "config.json": common.json_writer(cfg),
-        "model.safetensors": common.safetensors_writer(tensors),
-        "specdistill_export.json": common.json_writer(meta),
-    })
+    return common.write_export(Path(out_dir), cfg, tensors, meta)
 
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
