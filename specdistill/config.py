@@ -41,6 +41,8 @@ class TargetConfig:
     """Allow model code from the model's repository. Off unless you trust the source."""
     revision: str = ""
     """Hub revision (branch, tag or commit) when `name` is a hub id."""
+    device_map: str = ""
+    """Shard the frozen target over this process's devices (e.g. auto, balanced); empty = whole on one device."""
 
 
 @dataclass

@@ -210,7 +210,15 @@ class TargetModel(torch.nn.Module):
                 h.remove()
         last = out.last_hidden_state
         logits = self.lm_head(last) if return_logits else None
-        return TargetOutput(hidden_states={i: captured[i] for i in layers}, last_hidden=last, logits=logits)
+        # A sharded target (device_map) leaves states on several devices; hand them over on the inputs'.
+        dev = input_ids.device
+        return TargetOutput(hidden_states={i: captured[i].to(dev) for i in layers}, last_hidden=last.to(dev),
+                            logits=None if logits is None else logits.to(dev))
+
+    @property
+    def is_sharded(self) -> bool:
+        """Loaded with a device_map spreading it over several devices (the Trainer must not move it)."""
+        return len(set(getattr(self.model, "hf_device_map", {}).values())) > 1
 
 
 def load(cfg: TargetConfig | str | None = None, device: str | torch.device | None = None) -> TargetModel:
@@ -223,12 +231,15 @@ def load(cfg: TargetConfig | str | None = None, device: str | torch.device | Non
         raise ValueError(f"target.dtype ({cfg.dtype!r}) must be one of {sorted(_DTYPES)}")
     path, kwargs = resolve(cfg)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if cfg.device_map:
+        # accelerate's big-model loading: layers spread over the devices, inputs moved by hooks.
+        kwargs["device_map"] = cfg.device_map
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kwargs
     )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    if device is not None:
+    if device is not None and not cfg.device_map:
         model = model.to(device)
     name = DEFAULT_NAME if cfg.name == "default" else cfg.name
     lic = DEFAULT_LICENSE if cfg.name == "default" else ""

@@ -76,7 +76,7 @@ class Trainer:
         set_seed(self.tc.seed)
         self.out_dir = Path(self.tc.output_dir)
         self.target = target
-        if target is not None:
+        if target is not None and not getattr(cfg.target, "device_map", ""):
             self.target.to(acc.device)
         self.drafter = drafter
         self.layers = drafter.spec.target_layers(drafter.cfg, target.config) if target is not None else []

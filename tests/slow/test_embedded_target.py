@@ -37,3 +37,28 @@ def test_embedded_target_loads_from_cache_and_returns_requested_layers():
     with pytest.raises(ValueError, match="out of range"):
         target(ids, layers=[31])
     assert cached_seconds < 60, f"cached load took {cached_seconds:.1f}s"
+
+
+def test_target_loads_with_a_device_map(tmp_path, monkeypatch):
+    """`target.device_map` goes through accelerate's big-model loading; on this CPU-only machine
+    'auto' places every layer on the CPU, and the forward is unchanged (multi-GPU is not testable here)."""
+    import transformers
+    from conftest import make_llama, make_tokenizer
+
+    make_llama(layers=4).save_pretrained(tmp_path / "t")
+    make_tokenizer().save_pretrained(tmp_path / "t")
+    whole = targets.load(TargetConfig(name=str(tmp_path / "t")))
+    seen = {}
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*a, **k):
+        seen.update(k)
+        return original(*a, **k)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    mapped = targets.load(TargetConfig(name=str(tmp_path / "t"), device_map="auto"))
+    assert seen.get("device_map") == "auto"
+    assert not mapped.is_sharded  # one device here
+    ids = torch.randint(8, 80, (2, 12))
+    a, b = whole(ids, layers=[1, 4]), mapped(ids, layers=[1, 4])
+    assert torch.equal(a.hidden_states[1], b.hidden_states[1]) and torch.equal(a.logits, b.logits)
