@@ -61,7 +61,8 @@ def cmd_ls(args) -> None:
 
     print("recipes:")
     for p in sorted(RECIPES_DIR.glob("*.py")):
-        doc = (p.read_text().split('"""')[1].strip().splitlines() or [""])[0] if '"""' in p.read_text() else ""
+        text = p.read_text()
+        doc = (text.split('"""')[1].strip().splitlines() or [""])[0] if '"""' in text else ""
         print(f"  {p.stem:<14} {doc}")
     print("drafter families:")
     for name, spec in sorted(drafters.REGISTRY.items()):

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from specdistill import config as config_mod
@@ -194,7 +195,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg_path = self.out_dir / "config.yaml"
             if cfg_path.exists() and self.tc.resume:
-                old = config_mod.from_dict(__import__("yaml").safe_load(cfg_path.read_text()))
+                old = config_mod.from_dict(yaml.safe_load(cfg_path.read_text()))
                 if config_mod.to_dict(old.drafter) != config_mod.to_dict(self.cfg.drafter):
                     raise ValueError(f"{cfg_path}: the drafter config differs from the run being resumed; "
                                      f"use a new train.output_dir or train.resume=false")
