@@ -80,3 +80,21 @@ def sharegpt_file(tmp_path, tiny_conversations):
     p = tmp_path / "convs.json"
     p.write_text(json.dumps(tiny_conversations))
     return p
+
+
+def write_tiny_run_inputs(root):
+    """A 4-layer tiny target saved as a model dir, 40 arithmetic conversations (ShareGPT JSONL) and a
+    one-question Spec-Bench-style file: what recipe-level tests point `target.name`, `data.source`
+    and `eval.questions` at. Returns (target_dir, conversations_file, questions_file)."""
+    from pathlib import Path
+
+    root = Path(root)
+    make_llama(layers=4).save_pretrained(root / "target")
+    make_tokenizer().save_pretrained(root / "target")
+    convs = root / "convs.jsonl"
+    convs.write_text("".join(json.dumps({"conversations": [
+        {"from": "human", "value": f"what is {i} plus {i}?"},
+        {"from": "gpt", "value": f"{i} plus {i} is {2 * i}. " + "ok " * (i % 5)}]}) + "\n" for i in range(40)))
+    questions = root / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "math", "turns": ["what is 3 plus 3?"]}) + "\n")
+    return root / "target", convs, questions

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import runpy
 
-from conftest import make_llama, make_tokenizer
+from conftest import write_tiny_run_inputs
 
 from specdistill import config
 
@@ -15,16 +15,9 @@ ROOT = config.REPO_ROOT
 
 
 def test_eagle_quality_smoke(tmp_path, capsys):
-    make_llama(layers=4).save_pretrained(tmp_path / "target")
-    make_tokenizer().save_pretrained(tmp_path / "target")
-    convs = tmp_path / "convs.jsonl"
-    convs.write_text("".join(json.dumps({"conversations": [
-        {"from": "human", "value": f"what is {i} plus {i}?"},
-        {"from": "gpt", "value": f"{i} plus {i} is {2 * i}. " + "ok " * (i % 5)}]}) + "\n" for i in range(40)))
+    _, convs, questions = write_tiny_run_inputs(tmp_path)
     regen = tmp_path / "regen.jsonl"  # stands in for `specdistill data regenerate` output
     regen.write_text(convs.read_text())
-    questions = tmp_path / "q.jsonl"
-    questions.write_text(json.dumps({"question_id": 1, "category": "math", "turns": ["what is 3 plus 3?"]}) + "\n")
     extra = [f"data.prepared_dir={tmp_path / 'prepared'}", "data.max_length=64", "data.val_fraction=0.1",
              "data.min_loss_tokens=2", "eagle3:drafter.layer_ids=[1,2,3]", "hass:drafter.layer_ids=[1,2,3]",
              "eagle3:drafter.draft_vocab_size=48", "hass:drafter.draft_vocab_size=48", "train.micro_batch_size=2", "train.mixed_precision=no",

@@ -7,7 +7,7 @@ import json
 import runpy
 
 import pytest
-from conftest import make_llama, make_tokenizer
+from conftest import write_tiny_run_inputs
 
 from specdistill import config
 from specdistill.train import checkpoint
@@ -18,14 +18,7 @@ ROOT = config.REPO_ROOT
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes")
-    make_llama(layers=4).save_pretrained(root / "target")
-    make_tokenizer().save_pretrained(root / "target")
-    convs = root / "convs.jsonl"
-    convs.write_text("".join(json.dumps({"conversations": [
-        {"from": "human", "value": f"what is {i} plus {i}?"},
-        {"from": "gpt", "value": f"{i} plus {i} is {2 * i}. " + "ok " * (i % 5)}]}) + "\n" for i in range(40)))
-    questions = root / "q.jsonl"
-    questions.write_text(json.dumps({"question_id": 1, "category": "math", "turns": ["what is 3 plus 3?"]}) + "\n")
+    write_tiny_run_inputs(root)
     return root
 
 
