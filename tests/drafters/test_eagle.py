@@ -75,21 +75,28 @@ VARIANTS = {
 }
 
 
+def _fit(d, batch, tout, steps: int, lr: float) -> list:
+    """A few Adam steps on a fixed batch (the test's own loop; the product's lives in train/).
+    Returns each step's LossOutput (taken before that step's update)."""
+    opt = torch.optim.Adam(d.trainable_parameters(), lr=lr)
+    outs = []
+    for _ in range(steps):
+        out = d.loss(batch, tout)
+        opt.zero_grad()
+        (out.loss / out.num_tokens).backward()
+        opt.step()
+        outs.append(out)
+    return outs
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_loss_decreases_and_only_drafter_trains(target, batch, name):
     d = _build(target, batch, **VARIANTS[name])
     tout = _target_out(target, d, batch)
     target_before = {k: v.clone() for k, v in target.state_dict().items()}
     params_before = {k: v.detach().clone() for k, v in d.named_parameters()}
-    opt = torch.optim.Adam(d.trainable_parameters(), lr=3e-3)
-    hist = []
-    for _ in range(30):
-        out = d.loss(batch, tout)
-        loss = out.loss / out.num_tokens
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        hist.append((loss.item(), out.metrics["loss_token_step0"].item() / out.num_tokens))
+    hist = [((o.loss / o.num_tokens).item(), o.metrics["loss_token_step0"].item() / o.num_tokens)
+            for o in _fit(d, batch, tout, steps=30, lr=3e-3)]
     (first, first_tok), (last, last_tok) = hist[0], hist[-1]
     assert last < first, (name, first, last)
     # The token loss (a divergence, 0 at a perfect match) must fall by a lot; the total can have a
@@ -279,12 +286,7 @@ def test_proposer_in_greedy_verifier_is_lossless(target, batch, mode, variant):
     d = _build(target, batch, **kw).eval()
     # A little training so drafts are sometimes right and the accept/rollback paths all run.
     tout = _target_out(target, d, batch)
-    opt = torch.optim.Adam(d.trainable_parameters(), lr=3e-3)
-    for _ in range(10):
-        out = d.loss(batch, tout)
-        opt.zero_grad()
-        (out.loss / out.num_tokens).backward()
-        opt.step()
+    _fit(d, batch, tout, steps=10, lr=3e-3)
     ver = Verifier(target)
     prompt = batch["input_ids"][1, :8]
     ref = ver.generate(prompt, None, max_new_tokens=24, eos_token_ids=[])
@@ -326,12 +328,7 @@ def test_overfit_on_real_target_drafts_the_memorised_continuation():
     d.set_vocab_map(*vocab_map_from_counts(count_tokens(_samples(b), target.vocab_size), 512))
     assert d.layer_ids == [2, 15, 27]
     tout = target(b["input_ids"], b["attention_mask"], layers=d.layer_ids, return_logits=False)
-    opt = torch.optim.Adam(d.trainable_parameters(), lr=1e-3)
-    for _ in range(40):
-        out = d.loss(b, tout)
-        opt.zero_grad()
-        (out.loss / out.num_tokens).backward()
-        opt.step()
+    _fit(d, b, tout, steps=40, lr=1e-3)
     d.eval()
     hs = {i: h[0] for i, h in tout.hidden_states.items()}
     pr = d.proposer(target, mode="chain", k=3, dtype="float32")
