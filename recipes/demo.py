@@ -31,7 +31,7 @@ def main(argv=None):
         print(f"== no shipped reference drafter at {REFERENCE}; skipping its score")
     print(f"== training a fresh EAGLE-3 drafter for {cfg.train.max_minutes} minutes")
     train_and_score(argv, recipe="demo")
-    fresh = Path(cfg.export.out_dir or Path(cfg.train.output_dir) / "export") / "native" / "eval.json"
+    fresh = pipeline.export_root(cfg) / "native" / "eval.json"
     results["fresh"] = json.loads(fresh.read_text())
     print("\n== summary (greedy, same prompts, speed-up over plain decoding by the same verifier)")
     print(pipeline.compare(results))

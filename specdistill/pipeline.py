@@ -59,6 +59,11 @@ def fit_vocab(drafter, train_ds, summary: dict, target) -> None:
              100 * vm.coverage)
 
 
+def export_root(cfg) -> Path:
+    """Where a run's exports go: export.out_dir, else <train.output_dir>/export (one folder per format)."""
+    return Path(cfg.export.out_dir or Path(cfg.train.output_dir) / "export")
+
+
 def export_and_score(cfg, drafter, target, is_main: bool = True) -> dict[str, Path]:
     """Write every export format under <output_dir>/export/<format>/ and, unless
     eval.limit_per_category < 0, score the native export on Spec-Bench (eval.json beside it)."""
@@ -66,16 +71,16 @@ def export_and_score(cfg, drafter, target, is_main: bool = True) -> dict[str, Pa
 
     if not is_main:
         return {}
-    root = Path(cfg.export.out_dir or Path(cfg.train.output_dir) / "export")
-    written = export.write(drafter, cfg.export, root, target)
+    written = export.write(drafter, cfg.export, export_root(cfg), target)
     for fmt, path in written.items():
         print(f"exported {fmt}: {path}")
     if cfg.eval.limit_per_category >= 0 and "native" in written:
         score(cfg, written["native"])
         # The engine exports hold the same weights: the card of each carries the same measurement.
+        measured = (written["native"] / "eval.json").read_text()
         for fmt, path in written.items():
             if fmt != "native":
-                (path / "eval.json").write_text((written["native"] / "eval.json").read_text())
+                (path / "eval.json").write_text(measured)
     return written
 
 
