@@ -307,8 +307,8 @@ class Trainer:
         if bar is not None:
             bar.close()
         logger.close()
-        if self.step and (checkpoint.latest(self.out_dir) is None or
-                          checkpoint.latest(self.out_dir).name != f"step_{self.step}"):
+        newest = checkpoint.latest(self.out_dir)
+        if self.step and (newest is None or newest.name != f"step_{self.step}"):
             self.save()
         return {"step": self.step, "losses": history, "tokens_seen": self.tokens_seen,
                 "seconds": time.time() - t_start, **val}
