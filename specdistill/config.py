@@ -107,6 +107,10 @@ class TrainConfig:
     """Seed of weights init, data order and dropout."""
     resume: bool = True
     """Resume from <output_dir>/latest when it exists."""
+    init_from: str = ""
+    """Warm start: initial drafter weights (and draft vocabulary) from a native/SGLang/vLLM export or a
+    checkpoint dir; optimizer, schedule and data order start fresh. A run resuming its own checkpoint
+    ignores it."""
     trackers: list[str] = field(default_factory=lambda: ["auto"])
     """Loggers besides the JSONL file: tensorboard, wandb, or auto (each that is installed)."""
     wandb_project: str = "specdistill"

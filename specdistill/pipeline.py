@@ -29,11 +29,17 @@ class TrainingData:
 
 def training_data(cfg, target, drafter) -> TrainingData:
     """Prepared conversations (online target features) or the offline feature cache, plus the
-    draft-vocabulary map for drafters with a reduced vocabulary (built from the training labels)."""
+    draft-vocabulary map for drafters with a reduced vocabulary (built from the training labels, or
+    taken with the weights of `train.init_from`)."""
     from specdistill import data
 
     train, val, summary = data.build(cfg.data, target.tokenizer)
-    fit_vocab(drafter, train, summary, target)
+    if cfg.train.init_from:
+        from specdistill import export
+
+        export.init_weights(drafter, cfg.train.init_from, target)  # its draft vocabulary comes along
+    else:
+        fit_vocab(drafter, train, summary, target)
     if cfg.train.features == "offline":
         from specdistill.data import features
 

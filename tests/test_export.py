@@ -464,3 +464,24 @@ def test_exported_drafter_scores_the_same(tmp_path, target4, fmt):
     b = ver.generate(prompt, pb, max_new_tokens=24)
     assert a.tokens == b.tokens and a.accepted_per_step == b.accepted_per_step
     assert da == db and len(da) >= 10 and len({tuple(x) for x in da}) > 3
+
+
+def test_init_weights_warm_start(tmp_path, target4):
+    """train.init_from: a fresh drafter takes the weights and draft vocabulary of an export; a drafter
+    of another shape is refused with the path and the first mismatching tensor."""
+    d = _eagle(target4, variant="eagle3", layer_ids=[1, 2, 3], draft_vocab_size=32)
+    out = ex.write(d, ExportConfig(dtype="float32", formats=["native", "sglang"]), tmp_path, target4)
+    b = _batch(target4)
+    tout = target4(b["input_ids"], b["attention_mask"], layers=d.layer_ids, return_logits=False)
+    for fmt in ("native", "sglang"):
+        torch.manual_seed(7)
+        fresh = drafters.build(d.cfg, target4)
+        assert not bool(fresh.vocab_map_ready)
+        ex.init_weights(fresh, out[fmt], target4)
+        assert torch.equal(fresh.draft_ids, d.draft_ids) and bool(fresh.vocab_map_ready)
+        assert torch.equal(fresh.loss(b, tout).loss, d.loss(b, tout).loss), fmt
+    other = _eagle(target4, variant="eagle3", layer_ids=[1, 2, 3], draft_vocab_size=64)
+    with pytest.raises(ValueError, match="do not fit.*lm_head"):
+        ex.init_weights(other, out["native"], target4)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        ex.init_weights(other, tmp_path / "nope", target4)

@@ -7,7 +7,9 @@ import json
 import runpy
 
 import pytest
+import torch
 from conftest import write_tiny_run_inputs
+from safetensors.torch import load_file
 
 from specdistill import config
 from specdistill.train import checkpoint
@@ -50,6 +52,12 @@ def test_recipe_trains_resumes_exports_scores(tiny, tmp_path, recipe):
         assert ev["overall"]["identical_to_greedy"] is True
     if recipe == "hass":
         assert config.load("hass").drafter.hass_topk > 0
+    else:  # warm start from the export: with lr 0 the new run exports exactly the weights it started from
+        warm = tmp_path / "warm"
+        main(overrides(tiny, warm, 1) + [f"train.init_from={out / 'export' / 'native'}", "train.lr=0"], recipe=recipe)
+        a = load_file(str(out / "export" / "native" / "model.safetensors"))
+        b = load_file(str(warm / "export" / "native" / "model.safetensors"))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_demo_recipe_on_a_tiny_target(tiny, tmp_path, capsys):

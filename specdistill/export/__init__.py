@@ -7,12 +7,15 @@ each directory atomically under `<out_root>/<format>/`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from specdistill.export import common, contracts, native, sglang, vllm
 from specdistill.export.contracts import ContractError
 from specdistill.export.native import is_native_dir, load_checkpoint
 from specdistill.export.native import load as load_native
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ContractError", "FORMATS", "write", "load_any", "load_native", "load_checkpoint", "is_native_dir"]
 
@@ -76,6 +79,29 @@ def load_any(path: str | Path, target):
     if native.is_engine_export(path):
         return native.load_engine_export(path, target)
     return load_checkpoint(path, target)
+
+
+def init_weights(drafter, path: str | Path, target) -> None:
+    """Warm start: copy the weights (and the draft-vocabulary map) of the drafter saved at `path`
+    into `drafter`, which must have the same family and tensor shapes. Optimizer, schedule and
+    data order are not taken: this starts a new run from trained weights."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such directory (train.init_from wants an export or a checkpoint dir)")
+    src = load_any(path, target)
+    if type(src) is not type(drafter):
+        raise ValueError(f"{path}: holds a {type(src).__name__}, the run builds a {type(drafter).__name__}")
+    shared = native._target_storage(target)
+    mine = {k: v for k, v in drafter.state_dict().items() if v.data_ptr() not in shared}
+    theirs = src.state_dict()
+    bad = [f"{k} {tuple(theirs[k].shape) if k in theirs else 'missing'} vs {tuple(v.shape)}"
+           for k, v in mine.items() if k not in theirs or theirs[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path}: weights do not fit the drafter this run builds (check drafter.* overrides "
+                         f"against the saved config); first mismatches: {bad[:4]}")
+    # load_state_dict (not raw copies) so a family re-derives what it keeps beside its weights
+    # (EAGLE's draft_ids from d2t).
+    drafter.load_state_dict({k: theirs[k].to(v.dtype) for k, v in mine.items()}, strict=False)
+    log.info("initialised %d drafter tensors from %s", len(mine), path)
 
 
 def proposer_kwargs(opts) -> dict:
