@@ -130,3 +130,21 @@ def test_sampling_is_seeded(tmp_path, tiny_target, tiny_conversations):
     ra, rb, rc = (_lines(tmp_path / f"{x}.jsonl") for x in "abc")
     assert a["written"] == 2 and ra == rb and ra != rc
     assert all(r["regenerated"]["temperature"] == 1.0 for r in ra)
+
+
+def test_rounds_stay_full_as_conversations_finish(tmp_path, tiny_target, tiny_conversations, monkeypatch):
+    """Conversations of 1 and 2 turns mixed: a finishing conversation's slot is refilled before the
+    round runs, so every round but the last ones (source exhausted) has batch_size prompts."""
+    convs = [dict(c, conversations=c["conversations"][:2] if i % 2 else c["conversations"])
+             for i, c in enumerate(tiny_conversations[:12])]
+    sizes = []
+    orig = rg.Generator.generate
+
+    def spy(self, prompts, call_index=0):
+        sizes.append(len(prompts))
+        return orig(self, prompts, call_index)
+
+    monkeypatch.setattr(rg.Generator, "generate", spy)
+    s = rg.regenerate(convs, tiny_target, tmp_path / "r.jsonl", max_new_tokens=2, batch_size=4)
+    assert s["written"] == 12 and s["turns"] == 18 and sum(sizes) == 18
+    assert sizes[:3] == [4, 4, 4], sizes

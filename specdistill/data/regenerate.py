@@ -192,23 +192,30 @@ def regenerate(conversations: Iterable, target, out_path: str | Path, *, max_new
             os.fsync(f.fileno())
         stats["written"] += 1
 
+    def gather() -> tuple[list[list[int]], list[dict]]:
+        """The next round: one prompt per pooled conversation, the pool kept full by refilling the
+        slot of every conversation that finishes while the round is assembled."""
+        prompts, who = [], []
+        while True:
+            refill()
+            pending = [st for st in pool if not any(st is w for w in who)]
+            if not pending:
+                return prompts, who
+            for st in pending:
+                p = next_prompt(st)
+                if p is None:
+                    write(st)
+                    pool.remove(st)
+                else:
+                    prompts.append(p)
+                    who.append(st)
+
     # Continuous batching: every round each conversation in the pool answers its next user turn; a
     # finished conversation is written at once (the resume unit) and its slot refilled.
     while True:
-        refill()
-        if not pool:
-            break
-        prompts, who = [], []
-        for st in list(pool):
-            p = next_prompt(st)
-            if p is None:
-                write(st)
-                pool.remove(st)
-            else:
-                prompts.append(p)
-                who.append(st)
+        prompts, who = gather()
         if not prompts:
-            continue
+            break
         for st, (text, finish, n) in zip(who, gen.generate(prompts, calls)):
             st["hist"].append({"role": "assistant", "content": text})
             st["cursor"] += 1
