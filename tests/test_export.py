@@ -350,16 +350,194 @@ def test_real_eagle3_exports(tmp_path, target4, vd):
     assert torch.equal(l1.loss, l2.loss) and torch.equal(back.draft_ids, d.draft_ids)
 
 
-def test_real_eagle1_is_native_only(tmp_path, target4):
-    d = _eagle(target4, variant="eagle1")
+def _eagle1_sglang_shapes(num_layers: int) -> dict:
+    """Every tensor of SGLang's LlamaForCausalLMEagle for the tiny target (H 64, 4 heads x 16, 2 kv heads, I 128)."""
+    want = {"fc.weight": (64, 128), "fc.bias": (64,)}
+    for i in range(num_layers):
+        p = f"layers.{i}."
+        want |= {p + "self_attn.q_proj.weight": (64, 64), p + "self_attn.k_proj.weight": (32, 64),
+                 p + "self_attn.v_proj.weight": (32, 64), p + "self_attn.o_proj.weight": (64, 64),
+                 p + "mlp.gate_proj.weight": (128, 64), p + "mlp.up_proj.weight": (128, 64),
+                 p + "mlp.down_proj.weight": (64, 128), p + "post_attention_layernorm.weight": (64,)}
+        if i:  # SGLang's first EAGLE-1 layer has no input_layernorm, later layers do
+            want[p + "input_layernorm.weight"] = (64,)
+    return want
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_real_eagle1_exports_native_and_sglang(tmp_path, target4, num_layers):
+    from specdistill.export import eagle1
+
+    d = _eagle(target4, variant="eagle1", num_layers=num_layers)
     out = ex.write(d, ExportConfig(dtype="float32"), tmp_path, target4)
-    assert set(out) == {"native"}
-    with pytest.raises(ContractError, match="eagle1"):
-        ex.write(d, ExportConfig(formats=["sglang"]), tmp_path, target4)
-    back = ex.load_native(out["native"], target4)
+    assert set(out) == {"native", "sglang"}  # every format that can express EAGLE-1
+    cfg = json.loads((out["sglang"] / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle"] and cfg["num_hidden_layers"] == num_layers
+    assert cfg["tie_word_embeddings"] is False and cfg["vocab_size"] == 128 and cfg["hidden_size"] == 64
+    assert "eagle_config" not in cfg and "draft_vocab_size" not in cfg
+    st = load_file(str(out["sglang"] / "model.safetensors"))
+    contracts.check_sglang(cfg, st, target4.num_layers)
+    assert {k: tuple(v.shape) for k, v in st.items()} == _eagle1_sglang_shapes(num_layers)
+    sd = d.export_state_dict()
+    for k, v in sd.items():  # every drafter tensor ships under its SGLang name, except what SGLang takes from the target
+        if k in ("lm_head.weight", "d2t", "t2d"):
+            assert eagle1.to_engine_name(k) not in st, k
+        else:
+            assert torch.equal(st[eagle1.to_engine_name(k)], v), k
     b = _batch(target4)
     tout = target4(b["input_ids"], b["attention_mask"], layers=d.layer_ids, return_logits=False)
-    assert torch.equal(d.loss(b, tout).loss, back.loss(b, tout).loss)
+    ref = d.loss(b, tout).loss
+    for fmt in ("native", "sglang"):
+        back = ex.load_any(out[fmt], target4)
+        assert back.cfg.variant == "eagle1" and back.cfg.num_layers == num_layers
+        assert torch.equal(back.loss(b, tout).loss, ref), fmt
+    with pytest.raises(ContractError, match="eagle1.*fc bias"):
+        ex.write(d, ExportConfig(formats=["vllm"]), tmp_path, target4)
+    assert not (tmp_path / "vllm").exists()
+
+
+def _rms(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _sglang_eagle1_logits(cfg, st, target, ids, feature):
+    """SGLang's LlamaForCausalLMEagle forward as read in models/llama_eagle.py and models/llama.py, from the
+    exported tensors alone: fc(cat(embed, feature)); per layer the residual form (layer 0's input norm is
+    the identity, later ones fuse add + norm); output hidden + residual; the target's head, no final norm."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    eps, hd = cfg["rms_norm_eps"], cfg["head_dim"]
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    b, n = ids.shape
+    inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
+    ang = torch.arange(n).float()[:, None] * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos()[None], torch.cat([ang, ang], -1).sin()[None]
+    x = torch.cat([target.embed_tokens.weight[ids], feature], -1) @ st["fc.weight"].T + st["fc.bias"]
+    residual = None
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"layers.{i}."
+        if residual is None:
+            residual, y = x, x
+        else:
+            residual = x + residual
+            y = _rms(residual, st[p + "input_layernorm.weight"], eps)
+        q = (y @ st[p + "self_attn.q_proj.weight"].T).view(b, n, nh, hd).transpose(1, 2)
+        k = (y @ st[p + "self_attn.k_proj.weight"].T).view(b, n, nkv, hd).transpose(1, 2)
+        v = (y @ st[p + "self_attn.v_proj.weight"].T).view(b, n, nkv, hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        residual = a.transpose(1, 2).reshape(b, n, nh * hd) @ st[p + "self_attn.o_proj.weight"].T + residual
+        y = _rms(residual, st[p + "post_attention_layernorm.weight"], eps)
+        g = torch.nn.functional.silu(y @ st[p + "mlp.gate_proj.weight"].T) * (y @ st[p + "mlp.up_proj.weight"].T)
+        x = g @ st[p + "mlp.down_proj.weight"].T
+    return (x + residual) @ target.lm_head.weight.T
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_eagle1_sglang_layout_computes_the_drafter(tmp_path, target4, num_layers):
+    """The SGLang tensors, run the way SGLang runs them on the target's final-normed top state, give the
+    drafter's own logits: the layout (no input norm on layer 0, no final norm, the target's head) is this model."""
+    d = _eagle(target4, variant="eagle1", num_layers=num_layers)
+    with torch.no_grad():
+        for p in d.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # norms away from 1 and a non-trivial fc bias
+    out = ex.write(d, ExportConfig(dtype="float32", formats=["sglang"]), tmp_path, target4)
+    cfg = json.loads((out["sglang"] / "config.json").read_text())
+    st = load_file(str(out["sglang"] / "model.safetensors"))
+    ids = _batch(target4)["input_ids"]
+    with torch.no_grad():
+        tout = target4(ids, torch.ones_like(ids), layers=[4], return_logits=False)
+        feature = target4.final_norm(tout.hidden_states[4])  # what SGLang's logits processor captures
+        emb = d.embed(ids)
+        pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+        mine, _ = d.layers_forward(d.step_input(d.target_features(tout.hidden_states), emb, 0), emb, pos, None,
+                                   causal=True)
+        torch.testing.assert_close(_sglang_eagle1_logits(cfg, st, target4, ids, feature), d.draft_logits(mine),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_eagle1_sglang_proposes_through_the_verifier_loader(tmp_path, target4):
+    from specdistill.verify import loading
+
+    d = _eagle(target4, variant="eagle1")
+    out = ex.write(d, ExportConfig(dtype="float32", formats=["sglang"]), tmp_path, target4)
+    p = loading.load_proposer(str(out["sglang"]), target4, num_draft_tokens=3)
+    assert p.k == 3 and tuple(p.target_layers) == (4,)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"layer_ids": [2]}, "layer_ids=\\[2\\].*final-normed"),
+    ({"draft_vocab_size": 32}, "draft_vocab_size=32.*speculative-token-map"),
+])
+def test_eagle1_sglang_refuses_what_it_cannot_express(tmp_path, target4, kw, match):
+    d = _eagle(target4, variant="eagle1", **kw)
+    with pytest.raises(ContractError, match=match):
+        ex.write(d, ExportConfig(formats=["sglang"]), tmp_path, target4)
+    assert ex.write(d, ExportConfig(), tmp_path, target4).keys() == {"native"}
+
+
+@pytest.mark.parametrize("case,match", [
+    ("no_bias", "'fc.bias' is required"),
+    ("bad_fc", "'fc.weight' has shape"),
+    ("bad_bias", "'fc.bias' has shape"),
+    ("norm_l0", "'layers.0.input_layernorm.weight' must be absent"),
+    ("no_norm_l1", "'layers.1.input_layernorm.weight' is required"),
+    ("lm_head", "'lm_head.weight' must be omitted"),
+    ("embed", "'embed_tokens.weight' must be omitted"),
+    ("midlayer", "wrong prefix"),
+    ("tied", "tie_word_embeddings"),
+    ("no_down", "'layers.0.mlp.down_proj.weight' is required"),
+    ("q_in", "'layers.0.self_attn.q_proj.weight' has shape"),
+    ("extra_layer", "'layers.2."),
+    ("d2t", "'d2t' is not part"),
+    ("no_heads", "num_attention_heads"),
+])
+def test_eagle1_sglang_violations_caught(target4, case, match):
+    from specdistill.export import eagle1
+
+    d = _eagle(target4, variant="eagle1", num_layers=2)
+    cfg, t = eagle1.build_sglang(d, target4, "float32")
+    contracts.check_sglang(cfg, t, target4.num_layers)  # the unmutated export passes
+    if case == "no_bias":
+        t.pop("fc.bias")
+    elif case == "bad_fc":
+        t["fc.weight"] = torch.zeros(64, 192)
+    elif case == "bad_bias":
+        t["fc.bias"] = torch.zeros(128)
+    elif case == "norm_l0":
+        t["layers.0.input_layernorm.weight"] = torch.ones(64)
+    elif case == "no_norm_l1":
+        t.pop("layers.1.input_layernorm.weight")
+    elif case == "lm_head":
+        t["lm_head.weight"] = torch.zeros(128, 64)
+    elif case == "embed":
+        t["embed_tokens.weight"] = torch.zeros(128, 64)
+    elif case == "midlayer":
+        t["midlayer.mlp.up_proj.weight"] = t.pop("layers.0.mlp.up_proj.weight")
+    elif case == "tied":
+        cfg["tie_word_embeddings"] = True
+    elif case == "no_down":
+        t.pop("layers.0.mlp.down_proj.weight")
+    elif case == "q_in":
+        t["layers.0.self_attn.q_proj.weight"] = torch.zeros(64, 128)
+    elif case == "extra_layer":
+        t["layers.2.mlp.up_proj.weight"] = torch.zeros(128, 64)
+    elif case == "d2t":
+        t["d2t"] = torch.zeros(128, dtype=torch.int64)
+    elif case == "no_heads":
+        del cfg["num_attention_heads"]
+    with pytest.raises(ContractError, match=match):
+        contracts.check_sglang(cfg, t, target4.num_layers)
+
+
+def test_eagle1_card_does_not_offer_vllm(tmp_path, target4):
+    from specdistill.export import card
+
+    d = _eagle(target4, variant="eagle1")
+    out = ex.write(d, ExportConfig(formats=["sglang"]), tmp_path, target4)
+    text = card.build_card(out["sglang"], "me/eagle1")
+    assert "--speculative-algorithm EAGLE " in text and "vllm serve" not in text
+    assert "vLLM cannot serve this drafter" in text
 
 
 def test_bf16_export_is_the_bf16_cast(tmp_path, target4):

@@ -29,11 +29,11 @@ FORMATS = {
 
 def resolve_formats(drafter, requested) -> list[str]:
     spec = common.spec_of(drafter)
-    # A family may narrow its formats per instance (EAGLE-1 has no EAGLE-3 engine layout).
+    # A family may narrow its formats per instance.
     supported = tuple(getattr(drafter, "export_formats", None) or spec.export_formats)
     if not requested:
-        # Every format the family lists that can express this instance (EAGLE-1: native only).
-        return [f for f in supported if f in FORMATS and (f == "native" or common.eagle3_engine_gap(drafter) is None)]
+        # Every format the family lists that can express this instance (EAGLE-1: native and sglang).
+        return [f for f in supported if f in FORMATS and engine_gap(drafter, f) is None]
     fmts = list(requested)
     for f in fmts:
         if f not in FORMATS:
@@ -43,6 +43,12 @@ def resolve_formats(drafter, requested) -> list[str]:
                              f"{' (' + str(drafter.cfg.variant) + ')' if getattr(drafter.cfg, 'variant', None) else ''}"
                              f" does not support {f!r}; it supports {list(supported)}")
     return fmts
+
+
+def engine_gap(drafter, fmt: str) -> str | None:
+    """Why format `fmt` cannot express this drafter instance, or None (native expresses every drafter)."""
+    gaps = {"sglang": sglang.engine_gap, "vllm": vllm.engine_gap}
+    return gaps[fmt](drafter) if fmt in gaps else None
 
 
 def write(drafter, export_cfg, out_root: str | Path | None, target) -> dict[str, Path]:

@@ -303,9 +303,13 @@ def _serving(inp: CardInputs, repo: str) -> str:
     fam = family_of(inp)
     parts = []
     if fam == "eagle" and fmt in ("vllm", "sglang"):
-        method = "eagle3" if var == "eagle3" else "eagle"
-        spec = json.dumps({"method": method, "model": repo, "num_speculative_tokens": k}, separators=(",", ":"))
-        parts += ["### vLLM", "", "```bash", f"vllm serve {target} --speculative-config '{spec}'", "```", ""]
+        if var == "eagle1":
+            parts += ["### vLLM", "", "vLLM cannot serve this drafter: vLLM's EAGLE-1 model has no bias on its fusion "
+                      "layer `fc`, which this drafter has (reasons and sources: `specdistill/export/eagle1.py`).", ""]
+        else:
+            method = "eagle3" if var == "eagle3" else "eagle"
+            spec = json.dumps({"method": method, "model": repo, "num_speculative_tokens": k}, separators=(",", ":"))
+            parts += ["### vLLM", "", "```bash", f"vllm serve {target} --speculative-config '{spec}'", "```", ""]
         if fmt == "vllm":
             parts += ["This repository is in the vLLM speculators layout, so `vllm serve " + repo
                       + "` also works on its own (the target is read from `speculators_config.verifier`).", ""]

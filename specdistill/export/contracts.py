@@ -1,4 +1,5 @@
-"""What each serving engine's loader requires of an EAGLE-3 export (FORMATS.md 1.1 and 1.2).
+"""What each serving engine's loader requires of an export: EAGLE-3 for SGLang and vLLM (FORMATS.md
+1.1 and 1.2), EAGLE-1 for SGLang (`LlamaForCausalLMEagle`, facts and sources in export/eagle1.py).
 
 Every writer calls the matching `check_*` before a byte reaches disk. The most common failures in
 the field are silent (a missing `d2t`, a layer-id off by one, a missing `norm_before_residual`
@@ -12,6 +13,9 @@ import torch
 
 class ContractError(ValueError):
     """An export would not load (or would load wrongly) in the engine; the message names the key."""
+
+
+SGLANG_EAGLE1_ARCH = "LlamaForCausalLMEagle"
 
 
 def _need(cfg: dict, key: str, where: str, types=None):
@@ -128,7 +132,8 @@ def _check_eagle3_tensors(tensors: dict, d: dict, prefix: str, maps: bool, where
         raise ContractError(f"{where}: tensor {unknown[0]!r} is not part of this format (the engine would ignore or reject it)")
 
 
-def _check_llama_keys(cfg: dict, where: str, prefix: str = "") -> None:
+def _check_llama_keys(cfg: dict, where: str, prefix: str = "", num_layers: int | None = 1) -> None:
+    """Llama config keys the engines read; `num_layers` None = any count >= 1."""
     for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
               "max_position_embeddings", "vocab_size"):
         v = _need(cfg, prefix + k, where, int)
@@ -138,7 +143,10 @@ def _check_llama_keys(cfg: dict, where: str, prefix: str = "") -> None:
     _need(cfg, prefix + "rope_theta", where, (float, int))
     _eq(cfg, prefix + "hidden_act", "silu", where)
     _eq(cfg, prefix + "model_type", "llama", where)
-    _eq(cfg, prefix + "num_hidden_layers", 1, where)
+    if num_layers is not None:
+        _eq(cfg, prefix + "num_hidden_layers", num_layers, where)
+    elif _need(cfg, prefix + "num_hidden_layers", where, int) < 1:
+        raise ContractError(f"{where}: config key {prefix + 'num_hidden_layers'!r} must be >= 1")
 
 
 def _dims_from(cfg: dict, layer: dict) -> dict:
@@ -148,7 +156,10 @@ def _dims_from(cfg: dict, layer: dict) -> dict:
 
 
 def check_sglang(cfg: dict, tensors: dict, num_target_layers: int) -> None:
-    """SGLang `LlamaForCausalLMEagle3` (also what vLLM's `method: eagle3` reads from a directory)."""
+    """SGLang `LlamaForCausalLMEagle3` (also what vLLM's `method: eagle3` reads from a directory), or
+    `LlamaForCausalLMEagle` (EAGLE-1) when the config names that architecture."""
+    if isinstance(cfg, dict) and cfg.get("architectures") == [SGLANG_EAGLE1_ARCH]:
+        return check_sglang_eagle1(cfg, tensors, num_target_layers)
     where = "sglang export"
     _eq(cfg, "architectures", ["LlamaForCausalLMEagle3"], where)
     _check_llama_keys(cfg, where)
@@ -213,6 +224,61 @@ def check_vllm(cfg: dict, tensors: dict, num_target_layers: int) -> None:
     if not pruned and ("d2t" in tensors or "t2d" in tensors):
         raise ContractError(f"{where}: tensors 'd2t'/'t2d' must be absent with a full draft vocabulary")
     _check_eagle3_tensors(tensors, _dims_from(cfg, layer), "layers.0.", pruned, where)
+
+
+def _eagle1_layer_names(prefix: str, input_norm: bool) -> set[str]:
+    return {f"{prefix}self_attn.{p}_proj.weight" for p in "qkvo"} | {
+        f"{prefix}mlp.{p}_proj.weight" for p in ("gate", "up", "down")} | {
+        f"{prefix}post_attention_layernorm.weight"} | ({f"{prefix}input_layernorm.weight"} if input_norm else set())
+
+
+def check_eagle1_layer(tensors: dict, prefix: str, d: dict, input_norm: bool, where: str) -> None:
+    """One EAGLE-1 Llama decoder layer: attention reads the H-wide fc output; layer 0 has no input norm."""
+    h, i = d["hidden_size"], d["intermediate_size"]
+    q, kv = d["num_attention_heads"] * d["head_dim"], d["num_key_value_heads"] * d["head_dim"]
+    _shape(tensors, f"{prefix}self_attn.q_proj.weight", (q, h), where)
+    _shape(tensors, f"{prefix}self_attn.k_proj.weight", (kv, h), where)
+    _shape(tensors, f"{prefix}self_attn.v_proj.weight", (kv, h), where)
+    _shape(tensors, f"{prefix}self_attn.o_proj.weight", (h, q), where)
+    _shape(tensors, f"{prefix}mlp.gate_proj.weight", (i, h), where)
+    _shape(tensors, f"{prefix}mlp.up_proj.weight", (i, h), where)
+    _shape(tensors, f"{prefix}mlp.down_proj.weight", (h, i), where)
+    _shape(tensors, f"{prefix}post_attention_layernorm.weight", (h,), where)
+    if input_norm:
+        _shape(tensors, f"{prefix}input_layernorm.weight", (h,), where)
+    elif f"{prefix}input_layernorm.weight" in tensors:
+        raise ContractError(f"{where}: tensor {prefix + 'input_layernorm.weight'!r} must be absent: SGLang's "
+                            "first EAGLE-1 layer has no input_layernorm (the fc output is attended directly)")
+
+
+def check_sglang_eagle1(cfg: dict, tensors: dict, num_target_layers: int) -> None:
+    """SGLang `LlamaForCausalLMEagle` (EAGLE-1): fc 2H->H with bias, `layers.{i}.*`, the target's
+    embedding and LM head (never read from the file), layer 0 without input_layernorm."""
+    where = "sglang export (EAGLE-1)"
+    _eq(cfg, "architectures", [SGLANG_EAGLE1_ARCH], where)
+    _check_llama_keys(cfg, where, num_layers=None)
+    # SGLang replaces embed_tokens and lm_head with the target's; tied, they would be one module.
+    _eq(cfg, "tie_word_embeddings", False, where)
+    _need(cfg, "torch_dtype", where, str)
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        if name in tensors:
+            raise ContractError(f"{where}: tensor {name!r} must be omitted: SGLang takes the target's embedding "
+                                "and LM head for EAGLE-1 (set_embed_and_head) and never reads them from the draft")
+    stray = sorted(k for k in tensors if k.startswith("midlayer."))
+    if stray:
+        raise ContractError(f"{where}: tensor {stray[0]!r} uses the wrong prefix; this format stores layer 0 as layers.0.*")
+    h = cfg["hidden_size"]
+    _shape(tensors, "fc.weight", (h, 2 * h), where)
+    # nn.Linear's default bias=True in SGLang: without the tensor the bias keeps its random init.
+    _shape(tensors, "fc.bias", (h,), where)
+    expected = {"fc.weight", "fc.bias"}
+    for n in range(cfg["num_hidden_layers"]):
+        check_eagle1_layer(tensors, f"layers.{n}.", cfg, n > 0, where)
+        expected |= _eagle1_layer_names(f"layers.{n}.", n > 0)
+    unknown = sorted(set(tensors) - expected)
+    if unknown:
+        raise ContractError(f"{where}: tensor {unknown[0]!r} is not part of this format (the engine would ignore or "
+                            f"reject it; num_hidden_layers is {cfg['num_hidden_layers']})")
 
 
 CHECKS = {"sglang": check_sglang, "vllm": check_vllm}

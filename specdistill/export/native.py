@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from specdistill import config as _config
 from specdistill import drafters
-from specdistill.export import common, contracts
+from specdistill.export import common, contracts, eagle1
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +164,17 @@ def is_engine_export(path: str | Path) -> bool:
 
 
 def load_engine_export(path: str | Path, target, device: str | torch.device | None = None):
-    """Rebuild the drafter from an SGLang or vLLM export this package wrote (to score exactly what ships)."""
+    """Rebuild the drafter from an SGLang or vLLM export this package wrote (to score exactly what ships).
+
+    Engine names map back to ours: `layers.0.*` is `midlayer.*` and `layers.{i}.*` (i >= 1, EAGLE-1
+    with several layers) is `layers.{i-1}.*`. Tensors the engine takes from the target (EAGLE-1's
+    embedding and LM head) are rebuilt from the target; absent d2t/t2d mean the full vocabulary."""
     path = Path(path)
     meta = json.loads((path / "specdistill_export.json").read_text())
     spec = drafters.get(meta["family"])
     dcfg = _config._merge(spec.config_cls(), meta["drafter_config"], "drafter_config.")
     drafter = drafters.build(dcfg, target)
-    sd = {("midlayer." + k[len("layers.0."):] if k.startswith("layers.0.") else k): v
-          for k, v in load_file(str(path / "model.safetensors")).items()}
+    sd = {eagle1.from_engine_name(k): v for k, v in load_file(str(path / "model.safetensors")).items()}
     want = drafter.export_state_dict() if hasattr(drafter, "export_state_dict") else drafter.state_dict()
     own = set(drafter.state_dict())
     missing = sorted(k for k in want if k not in sd and k not in ("d2t", "t2d") and k in own)

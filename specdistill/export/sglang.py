@@ -1,4 +1,5 @@
-"""SGLang EAGLE-3 draft layout (`LlamaForCausalLMEagle3`, FORMATS.md 1.1).
+"""SGLang EAGLE-3 draft layout (`LlamaForCausalLMEagle3`, FORMATS.md 1.1); EAGLE-1 drafters get
+SGLang's `LlamaForCausalLMEagle` layout instead (export/eagle1.py).
 
 Serve with: `python -m sglang.launch_server --model <target> --speculative-algorithm EAGLE3
 --speculative-draft-model-path <dir> --speculative-num-steps 3 --speculative-eagle-topk 1
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specdistill.export import common, contracts
+from specdistill.export import common, contracts, eagle1
 
 FORMAT = "sglang"
 
 
 def build(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
     """(config.json dict, tensors) of the SGLang layout; not yet checked."""
+    if getattr(drafter.cfg, "variant", "eagle3") == "eagle1":
+        return eagle1.build_sglang(drafter, target, dtype)
     gap = common.eagle3_engine_gap(drafter)
     if gap:
         raise contracts.ContractError(f"{FORMAT} export: {gap}")
@@ -61,6 +64,13 @@ def build(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
         },
     }
     return cfg, tensors
+
+
+def engine_gap(drafter) -> str | None:
+    """Why the SGLang layouts cannot express this drafter, or None."""
+    if getattr(drafter.cfg, "variant", "eagle3") == "eagle1":
+        return eagle1.sglang_gap(drafter)
+    return common.eagle3_engine_gap(drafter)
 
 
 def write(drafter, target, out_dir: str | Path, dtype: str = "bfloat16") -> Path:

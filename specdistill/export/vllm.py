@@ -3,20 +3,21 @@
 Decoder weights are stored as `layers.0.*` (speculators 0.9.0 loads `midlayer.*` keys as random
 layers with only a warning); `d2t`/`t2d` only when the draft vocabulary is pruned; every key whose
 default differs between speculators and vLLM (`norm_before_residual`) is written explicitly.
+EAGLE-1 is refused: no vLLM loader was found that runs its biased fc (export/eagle1.py has the sources).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from specdistill.export import common, contracts
+from specdistill.export import common, contracts, eagle1
 
 FORMAT = "vllm"
 SPECULATORS_VERSION = "0.9.0"
 
 
 def build(drafter, target, dtype: str = "bfloat16", speculative_tokens: int = 3) -> tuple[dict, dict]:
-    gap = common.eagle3_engine_gap(drafter)
+    gap = engine_gap(drafter)
     if gap:
         raise contracts.ContractError(f"{FORMAT} export: {gap}")
     sd = drafter.export_state_dict()
@@ -84,6 +85,13 @@ def build(drafter, target, dtype: str = "bfloat16", speculative_tokens: int = 3)
         "transformer_layer_config": layer,
     }
     return cfg, tensors
+
+
+def engine_gap(drafter) -> str | None:
+    """Why the vLLM layout cannot express this drafter, or None."""
+    if getattr(drafter.cfg, "variant", "eagle3") == "eagle1":
+        return eagle1.VLLM_UNCONFIRMED
+    return common.eagle3_engine_gap(drafter)
 
 
 def write(drafter, target, out_dir: str | Path, dtype: str = "bfloat16", speculative_tokens: int = 3) -> Path:
