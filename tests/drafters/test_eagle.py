@@ -341,3 +341,36 @@ def test_overfit_on_real_target_drafts_the_memorised_continuation():
             k += 1
         accepted.append(k)
     assert sum(accepted) / len(accepted) >= 2.0, accepted
+
+
+@pytest.mark.parametrize("j", [1, 2, 3])
+def test_ttt_attention_equals_masked_sdpa(j):
+    """The diagonal TTT attention equals SDPA over [step-0 keys, keys of steps 1..j] with the
+    causal-then-diagonal mask, in value and in gradients (GQA: 4 query heads over 2 kv heads)."""
+    import torch.nn.functional as F
+    from transformers import LlamaConfig
+
+    from specdistill.drafters.eagle import EagleAttention
+
+    lc = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    attn = EagleAttention(lc, 32)
+    g = torch.Generator().manual_seed(j)
+    b, t, d = 2, 7, 8
+    q, k, v = (torch.randn(b, n, t, d, generator=g, requires_grad=True) for n in (4, 2, 2))
+    k0, v0 = (torch.randn(b, 2, t, d, generator=g, requires_grad=True) for _ in range(2))
+    hk = [torch.randn(b, 2, t, d, generator=g, requires_grad=True) for _ in range(j - 1)]
+    hv = [torch.randn(b, 2, t, d, generator=g, requires_grad=True) for _ in range(j - 1)]
+    i = torch.arange(t)
+    mask = torch.cat([i[None, :] <= i[:, None]] + [i[None, :] == i[:, None]] * j, 1)
+    ref = F.scaled_dot_product_attention(q, torch.cat([k0] + hk + [k], 2), torch.cat([v0] + hv + [v], 2),
+                                         attn_mask=mask, enable_gqa=True)
+    dk = torch.stack(hk, 3) if hk else None
+    dv = torch.stack(hv, 3) if hv else None
+    got = attn._ttt_attention(q, k, v, k0, dk, v0, dv)
+    assert torch.allclose(got, ref, atol=1e-5)
+    leaves = [q, k, v, k0, v0] + hk + hv
+    w = torch.randn(ref.shape, generator=g)
+    g_ref = torch.autograd.grad((ref * w).sum(), leaves)
+    g_got = torch.autograd.grad((got * w).sum(), leaves)
+    for a, c in zip(g_got, g_ref):
+        assert torch.allclose(a, c, atol=1e-5)
