@@ -691,6 +691,12 @@ class EagleProposer(Proposer):
     def _to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return (draft_ids + self.drafter.d2t[draft_ids]).cpu()
 
+    def _embed_drafts(self, draft_ids: torch.Tensor, dtype) -> torch.Tensor:
+        """Embeddings of drafted tokens, which the next draft step reads: the (target-vocabulary)
+        embedding row of each draft id's target token, never the row numbered by the draft id."""
+        d = self.drafter
+        return d.embed(draft_ids + d.d2t[draft_ids]).to(dtype)
+
     @torch.no_grad()
     def propose(self, state: ProposerState) -> DraftTree:
         self._commit(state)
@@ -714,7 +720,7 @@ class EagleProposer(Proposer):
             if i == self.k - 1:
                 break
             # Draft index committed+i consumes (own output, drafted token); sequence position = index.
-            emb = d.embed(torch.tensor([[tid]], device=w.device)).to(w.dtype)
+            emb = self._embed_drafts(torch.tensor([[tid]], device=w.device), w.dtype)
             x = d.step_input(out[None, None], emb, 1)
             pos = torch.tensor([self.committed + i], device=w.device)
             o, kv = self._run(x, emb, pos, None)
@@ -755,7 +761,7 @@ class EagleProposer(Proposer):
                     a = par[a]
             mask = torch.cat([torch.ones(m, self.committed, dtype=torch.bool), anc, torch.eye(m, dtype=torch.bool)], 1)
             hid = torch.stack([parent_out[par[n]] for n in frontier])[None]  # (1, m, H)
-            emb = d.embed(torch.tensor([[tok[n] for n in frontier]], device=dev)).to(w.dtype)
+            emb = self._embed_drafts(torch.tensor([[tok[n] for n in frontier]], device=dev), w.dtype)
             x = d.step_input(hid, emb, 1)
             pos = torch.tensor([self.committed + depth[n] - 1 for n in frontier], device=dev)
             o, kv = self._run(x, emb, pos, mask.to(dev))

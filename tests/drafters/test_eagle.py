@@ -374,3 +374,29 @@ def test_ttt_attention_equals_masked_sdpa(j):
     g_got = torch.autograd.grad((got * w).sum(), leaves)
     for a, c in zip(g_got, g_ref):
         assert torch.allclose(a, c, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_drafted_tokens_are_embedded_by_their_target_id(target, batch, mode, monkeypatch):
+    """With a reduced vocabulary, a draft step reads the embedding of the drafted token's *target*
+    id. Here the 32 draft ids map to target ids 96..127, so reading row `draft id` would be caught
+    (it was a bug: chain/tree positions >= 2 read unrelated embeddings and were almost never accepted)."""
+    d = _build(target, batch, variant="eagle3", draft_vocab_size=32)
+    t2d = torch.zeros(target.vocab_size, dtype=torch.bool)
+    t2d[96:128] = True
+    d.set_vocab_map(torch.full((32,), 96), t2d)
+    ids = batch["input_ids"][0]
+    tout = _target_out(target, d, batch)
+    hs = {i: h[0, :10] for i, h in tout.hidden_states.items()}
+    kw = {"mode": "chain", "k": 4} if mode == "chain" else {"mode": "tree", "depth": 3, "topk": 2, "budget": 6}
+    pr = d.proposer(target, dtype="float32", **kw)
+    pr.reset()
+    pr._commit(ProposerState(ids[:11], hs))
+    seen = []
+    orig = d.embed
+    monkeypatch.setattr(d, "embed", lambda x: (seen.append(x.flatten().tolist()), orig(x))[1])
+    tree = pr.propose(ProposerState(ids[:11], {}))
+    flat = [t for call in seen for t in call]
+    assert flat and all(96 <= t < 128 for t in flat), flat
+    if mode == "chain":
+        assert flat == tree.tokens[:-1].tolist()
