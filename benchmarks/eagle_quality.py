@@ -96,7 +96,8 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=0, help="torch threads for training and eval (0 = default)")
     ap.add_argument("--regenerated-source", default="", help="data.source of regenerated data: eagle3 again, equal steps")
     ap.add_argument("--reuse", action="store_true",
-                    help="a variant whose <out>/<variant>/export/native exists is not retrained, only scored")
+                    help="a variant whose <out>/<variant>/export/native exists is not retrained, only scored; "
+                         "an eval already run with the same arguments is read back")
     ap.add_argument("--extra", action="append", default=[], metavar="[VARIANT:]KEY=VALUE",
                     help="recipe override for every variant (or one, with a variant: prefix); repeatable")
     args = ap.parse_args(argv)
@@ -186,10 +187,18 @@ def score(drafter: str, args, out_dir: Path, tree: bool) -> dict:
         argv += ["--questions", args.questions]
     if args.threads:
         argv += ["--threads", str(args.threads)]
+    stamp = out_dir / "bench_eval_argv.json"
+    if args.reuse and stamp.is_file() and (out_dir / "eval.json").is_file() \
+            and json.loads(stamp.read_text()) == argv:
+        # --reuse: an eval already run with exactly these arguments is read back, not decoded again
+        print(f"[bench] reusing {out_dir / 'eval.json'} (same eval arguments)", file=sys.stderr)
+        return figures(json.loads((out_dir / "eval.json").read_text()))
     ap = argparse.ArgumentParser(prog="specdistill eval")
     evaluate.add_arguments(ap)
     print(f"[bench] specdistill eval {shlex.join(argv)}", file=sys.stderr)
-    return figures(evaluate.main(ap.parse_args(argv)))
+    res = figures(evaluate.main(ap.parse_args(argv)))
+    stamp.write_text(json.dumps(argv))
+    return res
 
 
 def _r(x, nd=3):

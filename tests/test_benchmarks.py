@@ -53,3 +53,17 @@ def test_eagle_quality_smoke(tmp_path, capsys):
     assert g["speedup_ge_2.0x_at_60min"] in (None, True)
     assert doc["all_identical_to_greedy"] is True
     assert doc["command"].startswith("python benchmarks/eagle_quality.py --minutes 0.05")
+
+    # --reuse: nothing is retrained and no eval is decoded again; the document's figures are the same
+    import specdistill.verify.evaluate as evaluate
+
+    calls = []
+    orig = evaluate.main
+    evaluate.main = lambda a: (calls.append(a), orig(a))[1]
+    try:
+        again = main(argv + ["--reuse", "--variants", "eagle3", "--no-pld"])
+    finally:
+        evaluate.main = orig
+    assert calls == []
+    assert again["results"]["eagle3"]["chain"] == res["eagle3"]["chain"]
+    assert again["results"]["eagle3"]["training"]["reused"] is True
