@@ -22,6 +22,7 @@ Indexing used throughout (T = sequence length, f_t = target feature at position 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -618,9 +619,15 @@ class EagleProposer(Proposer):
     """
 
     def __init__(self, drafter: EagleDrafter, mode: str = "chain", k: int = 5, topk: int = 4,
-                 budget: int = 16, depth: int = 5, dtype: str = "auto"):
+                 budget: int = 16, depth: int = 5, dtype: str = "auto", min_prob: float = 0.0):
         if mode not in ("chain", "tree"):
             raise ValueError(f"EagleProposer mode ({mode!r}) must be chain or tree")
+        if not 0.0 <= min_prob < 1.0:
+            raise ValueError(f"EagleProposer min_prob ({min_prob}) must be in [0, 1)")
+        # Dynamic draft length: a chain stops at the first token whose draft probability is below
+        # min_prob, a tree keeps only nodes whose cumulative (path) probability reaches it. A weak
+        # drafter then drafts only where it is confident, and an empty draft is a plain decode step.
+        self.min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
         if k < 1 or topk < 1 or budget < 1 or depth < 1:
             raise ValueError(f"EagleProposer: k ({k}), topk ({topk}), budget ({budget}), depth ({depth}) must be >= 1")
         self.drafter = _drafting_copy(drafter, dtype)
@@ -715,7 +722,10 @@ class EagleProposer(Proposer):
         toks = []
         out = self.last_out
         for i in range(self.k):
-            tid = int(d.draft_logits(out).argmax())  # greedy: the softmax is not needed
+            logits = d.draft_logits(out)
+            tid = int(logits.argmax())
+            if self.min_logp > -math.inf and float(F.log_softmax(logits.float(), -1)[tid]) < self.min_logp:
+                break
             toks.append(tid)
             if i == self.k - 1:
                 break
@@ -726,6 +736,8 @@ class EagleProposer(Proposer):
             o, kv = self._run(x, emb, pos, None)
             self._append(kv)
             out = o[0, -1]
+        if not toks:
+            return DraftTree.empty()
         return DraftTree.chain(self._to_target(torch.tensor(toks)))
 
     def _tree(self, d, w) -> DraftTree:
@@ -781,7 +793,10 @@ class EagleProposer(Proposer):
                     frontier.append(len(tok) - 1)
         # Rerank (EAGLE-2 reranking phase): top `budget` by cumulative log-prob; shallower first on ties
         # so a parent (score >= child's) is always kept before its children.
-        order = sorted(range(len(tok)), key=lambda n: (-score[n], depth[n]))[: self.budget]
+        order = [n for n in sorted(range(len(tok)), key=lambda n: (-score[n], depth[n]))[: self.budget]
+                 if score[n] >= self.min_logp]
+        if not order:
+            return DraftTree.empty()
         keep = set(order)
         for n in list(keep):  # guard against float ties: close the set under ancestors
             a = par[n]

@@ -111,15 +111,17 @@ def init_weights(drafter, path: str | Path, target) -> None:
 
 
 def proposer_kwargs(opts) -> dict:
-    """ProposerOptions -> EAGLE-style proposer arguments (chain: k; tree: depth, topk, budget)."""
+    """ProposerOptions -> EAGLE-style proposer arguments (chain: k; tree: depth, topk, budget;
+    both: min_prob from the confidence threshold)."""
+    conf = {"min_prob": float(opts.confidence_threshold)} if opts.confidence_threshold else {}
     if not opts.tree:
-        return {"mode": "chain", "k": int(opts.num_draft_tokens)}
+        return {"mode": "chain", "k": int(opts.num_draft_tokens), **conf}
     tree = [int(b) for b in opts.tree]
     budget, width = 0, 1
     for b in tree:
         width *= b
         budget += width
-    return {"mode": "tree", "depth": len(tree), "topk": max(tree), "budget": budget}
+    return {"mode": "tree", "depth": len(tree), "topk": max(tree), "budget": budget, **conf}
 
 
 def _load_proposer(path: Path, target, opts):

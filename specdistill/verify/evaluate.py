@@ -254,7 +254,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-draft-tokens", type=int, default=5, help="draft length / tree depth")
     p.add_argument("--draft-confidence", type=float, default=0.0,
-                   help="draft models: stop a draft when its next token's probability is below this")
+                   help="dynamic draft length: a draft-model or EAGLE chain stops at the first token whose draft "
+                        "probability is below this; an EAGLE tree keeps only nodes whose path probability "
+                        "reaches it (0 = off)")
     p.add_argument("--tree", default=None, help="tree drafts: branching per depth, e.g. 3,2,1 (draft models: depth = len, "
                    "--num-draft-tokens ignored; pld: the first number = matches merged into a trie)")
     p.add_argument("--no-baseline", action="store_true", help="skip plain decoding (no speed-up, no identity check)")

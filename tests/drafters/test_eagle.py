@@ -400,3 +400,32 @@ def test_drafted_tokens_are_embedded_by_their_target_id(target, batch, mode, mon
     assert flat and all(96 <= t < 128 for t in flat), flat
     if mode == "chain":
         assert flat == tree.tokens[:-1].tolist()
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_confidence_threshold_shortens_drafts_and_stays_lossless(target, batch, mode):
+    """min_prob (eval --draft-confidence): drafts keep only tokens (chain) or nodes (tree) whose
+    probability reaches it (a chain keeps a prefix of its full draft), an unreachable threshold gives empty drafts (plain
+    decoding steps), and greedy output is unchanged."""
+    from specdistill.verify.verifier import Verifier
+
+    d = _build(target, batch, variant="eagle3", draft_vocab_size=64).eval()
+    _fit(d, batch, _target_out(target, d, batch), steps=10, lr=3e-3)
+    ids = batch["input_ids"][0]
+    hs = {i: h[0, :11] for i, h in _target_out(target, d, batch).hidden_states.items()}
+    kw = dict(mode=mode, k=5, topk=3, budget=10, depth=4, dtype="float32")
+    full = d.proposer(target, **kw).propose(ProposerState(ids[:12], hs))
+    pr = d.proposer(target, min_prob=0.3, **kw)
+    cut = pr.propose(ProposerState(ids[:12], hs))
+    assert len(cut) <= len(full)
+    if mode == "chain":
+        assert cut.tokens.tolist() == full.tokens[: len(cut)].tolist()
+    assert len(d.proposer(target, min_prob=0.999999, **kw).propose(ProposerState(ids[:12], hs))) == 0
+    ver = Verifier(target)
+    prompt = batch["input_ids"][1, :8]
+    ref = ver.generate(prompt, None, max_new_tokens=20, eos_token_ids=[])
+    for p in (0.3, 0.999999):
+        res = ver.generate(prompt, d.proposer(target, min_prob=p, **kw), max_new_tokens=20, eos_token_ids=[])
+        assert res.tokens == ref.tokens
+    with pytest.raises(ValueError, match="min_prob"):
+        d.proposer(target, min_prob=1.0, **kw)
