@@ -153,6 +153,8 @@ class EvalConfig:
     """New tokens per turn."""
     num_draft_tokens: int = 5
     """Draft length k of the chain."""
+    draft_confidence: float = 0.0
+    """Dynamic draft length: stop drafting below this draft probability (`eval --draft-confidence`; 0 = off)."""
 
 
 @dataclass

@@ -103,6 +103,8 @@ def score(cfg, drafter_dir: Path, out_dir: Path | None = None) -> dict:
             str(e.num_draft_tokens), "--out", str(out_dir or drafter_dir)]
     if e.questions != "spec_bench":
         argv += ["--questions", e.questions]
+    if e.draft_confidence:
+        argv += ["--draft-confidence", str(e.draft_confidence)]
     ap = argparse.ArgumentParser(prog="specdistill eval")
     evaluate.add_arguments(ap)
     return evaluate.main(ap.parse_args(argv))

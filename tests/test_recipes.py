@@ -41,7 +41,7 @@ def test_recipe_trains_resumes_exports_scores(tiny, tmp_path, recipe):
     main(overrides(tiny, out, 3), recipe=recipe)
     assert checkpoint.latest(out).name == "step_3"
     first = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    main(overrides(tiny, out, 5), recipe=recipe)  # resumes at step 3
+    main(overrides(tiny, out, 5) + ["eval.draft_confidence=0.2"], recipe=recipe)  # resumes at step 3
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and len(first) == 3
     assert checkpoint.latest(out).name == "step_5"
@@ -49,7 +49,7 @@ def test_recipe_trains_resumes_exports_scores(tiny, tmp_path, recipe):
         d = out / "export" / fmt
         assert (d / "config.json").exists() and (d / "model.safetensors").exists(), fmt
         ev = json.loads((d / "eval.json").read_text())
-        assert ev["overall"]["identical_to_greedy"] is True
+        assert ev["overall"]["identical_to_greedy"] is True and ev["settings"]["draft_confidence"] == 0.2
     if recipe == "hass":
         assert config.load("hass").drafter.hass_topk > 0
     else:  # warm start from the export: with lr 0 the new run exports exactly the weights it started from
