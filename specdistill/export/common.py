@@ -224,3 +224,36 @@ def json_writer(obj: dict) -> Callable[[Path], None]:
 
 def safetensors_writer(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> Callable[[Path], None]:
     return lambda p: save_file(tensors, str(p), metadata={"format": "pt", **(meta or {})})
+
+
+def llama_config(architecture: str, d: dict, num_layers: int, dtype: str) -> dict:
+    """The Llama `config.json` fields SGLang's EAGLE draft models (EAGLE-1 and EAGLE-3) read, from
+    `eagle_dims`; the embedding and head are the target's, so they are never tied."""
+    return {
+        "architectures": [architecture],
+        "model_type": "llama",
+        "bos_token_id": d["bos_token_id"],
+        "eos_token_id": d["eos_token_id"],
+        "pad_token_id": d["pad_token_id"],
+        "hidden_act": d["hidden_act"],
+        "hidden_size": d["hidden_size"],
+        "initializer_range": d["initializer_range"],
+        "intermediate_size": d["intermediate_size"],
+        "max_position_embeddings": d["max_position_embeddings"],
+        "num_attention_heads": d["num_attention_heads"],
+        "num_key_value_heads": d["num_key_value_heads"],
+        "head_dim": d["head_dim"],
+        "num_hidden_layers": int(num_layers),
+        "rms_norm_eps": d["rms_norm_eps"],
+        "rope_theta": d["rope_theta"],
+        "rope_scaling": d["rope_scaling"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+        "transformers_version": transformers_version(),
+        "use_cache": True,
+        "vocab_size": d["vocab_size"],
+    }

@@ -147,35 +147,8 @@ def build_sglang(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
           if k not in drop and not k.startswith("embed_tokens.")}
     tensors = common.cast(sd, common.torch_dtype(dtype))
     d = common.eagle_dims(drafter, target, tensors)
-    cfg = {
-        "architectures": [ARCHITECTURE],
-        "model_type": "llama",
-        "bos_token_id": d["bos_token_id"],
-        "eos_token_id": d["eos_token_id"],
-        "pad_token_id": d["pad_token_id"],
-        "hidden_act": d["hidden_act"],
-        "hidden_size": d["hidden_size"],
-        "initializer_range": d["initializer_range"],
-        "intermediate_size": d["intermediate_size"],
-        "max_position_embeddings": d["max_position_embeddings"],
-        "num_attention_heads": d["num_attention_heads"],
-        "num_key_value_heads": d["num_key_value_heads"],
-        "head_dim": d["head_dim"],
-        "num_hidden_layers": int(drafter.cfg.num_layers),
-        "rms_norm_eps": d["rms_norm_eps"],
-        "rope_theta": d["rope_theta"],
-        "rope_scaling": d["rope_scaling"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
-        # SGLang swaps in the target's embedding and head as two modules; tied, they would be one.
-        "tie_word_embeddings": False,
-        "torch_dtype": dtype,
-        "transformers_version": common.transformers_version(),
-        "use_cache": True,
-        "vocab_size": d["vocab_size"],
-    }
+    # SGLang swaps in the target's embedding and head as two modules (never tied: common.llama_config).
+    cfg = common.llama_config(ARCHITECTURE, d, drafter.cfg.num_layers, dtype)
     return cfg, tensors
 
 

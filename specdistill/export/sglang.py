@@ -27,33 +27,8 @@ def build(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
     tensors = common.cast({k: v for k, v in sd.items() if not k.startswith("embed_tokens.")},
                           common.torch_dtype(dtype))
     d = common.eagle_dims(drafter, target, tensors)
-    cfg = {
-        "architectures": ["LlamaForCausalLMEagle3"],
-        "model_type": "llama",
-        "bos_token_id": d["bos_token_id"],
-        "eos_token_id": d["eos_token_id"],
-        "pad_token_id": d["pad_token_id"],
-        "hidden_act": d["hidden_act"],
-        "hidden_size": d["hidden_size"],
-        "initializer_range": d["initializer_range"],
-        "intermediate_size": d["intermediate_size"],
-        "max_position_embeddings": d["max_position_embeddings"],
-        "num_attention_heads": d["num_attention_heads"],
-        "num_key_value_heads": d["num_key_value_heads"],
-        "head_dim": d["head_dim"],
-        "num_hidden_layers": 1,
-        "rms_norm_eps": d["rms_norm_eps"],
-        "rope_theta": d["rope_theta"],
-        "rope_scaling": d["rope_scaling"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
-        "tie_word_embeddings": False,
-        "torch_dtype": dtype,
-        "transformers_version": common.transformers_version(),
-        "use_cache": True,
-        "vocab_size": d["vocab_size"],
+    cfg = common.llama_config("LlamaForCausalLMEagle3", d, 1, dtype)
+    cfg.update({
         "draft_vocab_size": d["draft_vocab_size"],
         "target_hidden_size": d["target_hidden_size"],
         # vLLM-only key, written so vLLM never falls back to a default that differs from SGLang.
@@ -62,7 +37,7 @@ def build(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
             "eagle_aux_hidden_state_layer_ids": d["layer_ids"],
             "use_aux_hidden_state": True,
         },
-    }
+    })
     return cfg, tensors
 
 
