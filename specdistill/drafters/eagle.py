@@ -219,7 +219,6 @@ class EagleAttention(nn.Module):
                                              enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), k, v
 
-
     def _ttt_attention(self, q, k, v, k0, dk, v0, dv):
         """Attention of unrolled step j >= 1 without SDPA's (T, T*(j+1)) mask.
 
@@ -761,7 +760,10 @@ class EagleProposer(Proposer):
         slot: dict[int, int] = {}  # node -> position in the draft part of the cache
         for dep in range(2, self.depth + 1):
             # Expand the best `k` nodes of the current depth (EAGLE-2 expansion phase).
-            frontier = sorted(frontier, key=lambda n: -score[n])[:k]
+            # A node below min_prob cannot have a descendant above it (path probabilities only fall).
+            frontier = sorted((n for n in frontier if score[n] >= self.min_logp), key=lambda n: -score[n])[:k]
+            if not frontier:
+                break
             m = len(frontier)
             base = self.committed + len(slot)
             # Each expanded node attends to the committed context, its drafted ancestors and itself.
