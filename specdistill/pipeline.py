@@ -34,11 +34,14 @@ def training_data(cfg, target, drafter) -> TrainingData:
     from specdistill import data
 
     train, val, summary = data.build(cfg.data, target.tokenizer)
-    if cfg.train.init_from:
+    from specdistill.train import checkpoint
+
+    resuming = cfg.train.resume and checkpoint.latest(cfg.train.output_dir) is not None
+    if cfg.train.init_from and not resuming:
         from specdistill import export
 
         export.init_weights(drafter, cfg.train.init_from, target)  # its draft vocabulary comes along
-    else:
+    elif not cfg.train.init_from:
         fit_vocab(drafter, train, summary, target)
     if cfg.train.features == "offline":
         from specdistill.data import features

@@ -58,6 +58,9 @@ def test_recipe_trains_resumes_exports_scores(tiny, tmp_path, recipe):
         a = load_file(str(out / "export" / "native" / "model.safetensors"))
         b = load_file(str(warm / "export" / "native" / "model.safetensors"))
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+        # resuming its own checkpoint, the run no longer needs (or reads) the init_from directory
+        main(overrides(tiny, warm, 2) + [f"train.init_from={tmp_path / 'gone'}", "train.lr=0"], recipe=recipe)
+        assert checkpoint.latest(warm).name == "step_2"
 
 
 def test_demo_recipe_on_a_tiny_target(tiny, tmp_path, capsys):
