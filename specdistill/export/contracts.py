@@ -90,25 +90,26 @@ def check_vocab_maps(tensors: dict, vd: int, v: int, where: str) -> None:
         raise ContractError(f"{where}: tensors 'd2t' and 't2d' disagree (a draft token's target id is False in t2d)")
 
 
-def check_decoder_layer(tensors: dict, prefix: str, d: dict, where: str) -> None:
-    """One EAGLE-3 decoder layer: attention reads concat(norm(embed), norm(hidden)), i.e. 2H inputs."""
+def _layer_shapes(prefix: str, d: dict, attn_in: int, norms: tuple[str, ...]) -> dict[str, tuple]:
+    """{tensor name: shape} of one Llama decoder layer whose attention reads `attn_in` features."""
     h, i = d["hidden_size"], d["intermediate_size"]
     q, kv = d["num_attention_heads"] * d["head_dim"], d["num_key_value_heads"] * d["head_dim"]
-    _shape(tensors, f"{prefix}self_attn.q_proj.weight", (q, 2 * h), where)
-    _shape(tensors, f"{prefix}self_attn.k_proj.weight", (kv, 2 * h), where)
-    _shape(tensors, f"{prefix}self_attn.v_proj.weight", (kv, 2 * h), where)
-    _shape(tensors, f"{prefix}self_attn.o_proj.weight", (h, q), where)
-    _shape(tensors, f"{prefix}mlp.gate_proj.weight", (i, h), where)
-    _shape(tensors, f"{prefix}mlp.up_proj.weight", (i, h), where)
-    _shape(tensors, f"{prefix}mlp.down_proj.weight", (h, i), where)
-    for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm"):
-        _shape(tensors, f"{prefix}{n}.weight", (h,), where)
+    shapes = {f"{prefix}self_attn.q_proj.weight": (q, attn_in), f"{prefix}self_attn.k_proj.weight": (kv, attn_in),
+              f"{prefix}self_attn.v_proj.weight": (kv, attn_in), f"{prefix}self_attn.o_proj.weight": (h, q),
+              f"{prefix}mlp.gate_proj.weight": (i, h), f"{prefix}mlp.up_proj.weight": (i, h),
+              f"{prefix}mlp.down_proj.weight": (h, i)}
+    shapes.update({f"{prefix}{n}.weight": (h,) for n in norms})
+    return shapes
 
 
-def _layer_names(prefix: str) -> set[str]:
-    return {f"{prefix}self_attn.{p}_proj.weight" for p in "qkvo"} | {
-        f"{prefix}mlp.{p}_proj.weight" for p in ("gate", "up", "down")} | {
-        f"{prefix}{n}.weight" for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm")}
+def _eagle3_layer_shapes(prefix: str, d: dict) -> dict[str, tuple]:
+    """The EAGLE-3 layer: attention reads concat(norm(embed), norm(hidden)), i.e. 2H inputs."""
+    return _layer_shapes(prefix, d, 2 * d["hidden_size"], ("input_layernorm", "hidden_norm", "post_attention_layernorm"))
+
+
+def _check_shapes(tensors: dict, shapes: dict[str, tuple], where: str) -> None:
+    for name, shape in shapes.items():
+        _shape(tensors, name, shape, where)
 
 
 def _check_eagle3_tensors(tensors: dict, d: dict, prefix: str, maps: bool, where: str) -> None:
@@ -119,11 +120,12 @@ def _check_eagle3_tensors(tensors: dict, d: dict, prefix: str, maps: bool, where
     stray = sorted(k for k in tensors if k.startswith(other))
     if stray:
         raise ContractError(f"{where}: tensor {stray[0]!r} uses the wrong prefix; this format stores the layer as {prefix}*")
-    check_decoder_layer(tensors, prefix, d, where)
+    layer = _eagle3_layer_shapes(prefix, d)
+    _check_shapes(tensors, layer, where)
     _shape(tensors, "fc.weight", (h, 3 * ht), where)
     _shape(tensors, "norm.weight", (h,), where)
     _shape(tensors, "lm_head.weight", (vd, h), where)
-    expected = _layer_names(prefix) | {"fc.weight", "norm.weight", "lm_head.weight"}
+    expected = set(layer) | {"fc.weight", "norm.weight", "lm_head.weight"}
     if maps:
         check_vocab_maps(tensors, vd, v, where)
         expected |= {"d2t", "t2d"}
@@ -226,29 +228,10 @@ def check_vllm(cfg: dict, tensors: dict, num_target_layers: int) -> None:
     _check_eagle3_tensors(tensors, _dims_from(cfg, layer), "layers.0.", pruned, where)
 
 
-def _eagle1_layer_names(prefix: str, input_norm: bool) -> set[str]:
-    return {f"{prefix}self_attn.{p}_proj.weight" for p in "qkvo"} | {
-        f"{prefix}mlp.{p}_proj.weight" for p in ("gate", "up", "down")} | {
-        f"{prefix}post_attention_layernorm.weight"} | ({f"{prefix}input_layernorm.weight"} if input_norm else set())
-
-
-def check_eagle1_layer(tensors: dict, prefix: str, d: dict, input_norm: bool, where: str) -> None:
-    """One EAGLE-1 Llama decoder layer: attention reads the H-wide fc output; layer 0 has no input norm."""
-    h, i = d["hidden_size"], d["intermediate_size"]
-    q, kv = d["num_attention_heads"] * d["head_dim"], d["num_key_value_heads"] * d["head_dim"]
-    _shape(tensors, f"{prefix}self_attn.q_proj.weight", (q, h), where)
-    _shape(tensors, f"{prefix}self_attn.k_proj.weight", (kv, h), where)
-    _shape(tensors, f"{prefix}self_attn.v_proj.weight", (kv, h), where)
-    _shape(tensors, f"{prefix}self_attn.o_proj.weight", (h, q), where)
-    _shape(tensors, f"{prefix}mlp.gate_proj.weight", (i, h), where)
-    _shape(tensors, f"{prefix}mlp.up_proj.weight", (i, h), where)
-    _shape(tensors, f"{prefix}mlp.down_proj.weight", (h, i), where)
-    _shape(tensors, f"{prefix}post_attention_layernorm.weight", (h,), where)
-    if input_norm:
-        _shape(tensors, f"{prefix}input_layernorm.weight", (h,), where)
-    elif f"{prefix}input_layernorm.weight" in tensors:
-        raise ContractError(f"{where}: tensor {prefix + 'input_layernorm.weight'!r} must be absent: SGLang's "
-                            "first EAGLE-1 layer has no input_layernorm (the fc output is attended directly)")
+def _eagle1_layer_shapes(prefix: str, d: dict, input_norm: bool) -> dict[str, tuple]:
+    """One EAGLE-1 layer: attention reads the H-wide fc output; layer 0 has no input norm."""
+    norms = ("input_layernorm", "post_attention_layernorm") if input_norm else ("post_attention_layernorm",)
+    return _layer_shapes(prefix, d, d["hidden_size"], norms)
 
 
 def check_sglang_eagle1(cfg: dict, tensors: dict, num_target_layers: int) -> None:
@@ -272,9 +255,13 @@ def check_sglang_eagle1(cfg: dict, tensors: dict, num_target_layers: int) -> Non
     # nn.Linear's default bias=True in SGLang: without the tensor the bias keeps its random init.
     _shape(tensors, "fc.bias", (h,), where)
     expected = {"fc.weight", "fc.bias"}
+    if "layers.0.input_layernorm.weight" in tensors:
+        raise ContractError(f"{where}: tensor 'layers.0.input_layernorm.weight' must be absent: SGLang's first "
+                            "EAGLE-1 layer has no input_layernorm (the fc output is attended directly)")
     for n in range(cfg["num_hidden_layers"]):
-        check_eagle1_layer(tensors, f"layers.{n}.", cfg, n > 0, where)
-        expected |= _eagle1_layer_names(f"layers.{n}.", n > 0)
+        layer = _eagle1_layer_shapes(f"layers.{n}.", cfg, n > 0)
+        _check_shapes(tensors, layer, where)
+        expected |= set(layer)
     unknown = sorted(set(tensors) - expected)
     if unknown:
         raise ContractError(f"{where}: tensor {unknown[0]!r} is not part of this format (the engine would ignore or "

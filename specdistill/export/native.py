@@ -186,4 +186,3 @@ def load_engine_export(path: str | Path, target, device: str | torch.device | No
     if device is not None:
         drafter = drafter.to(device)
     return drafter.eval()
-
