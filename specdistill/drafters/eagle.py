@@ -224,23 +224,59 @@ class EagleAttention(nn.Module):
 
         Query t sees the step-0 keys 0..t (causal) and, of every later step 1..j, only its own
         position t (dk/dv: (B, kv, T, j-1, d) for steps 1..j-1; k/v are step j's). So the scores are
-        a causal (T, T) block plus j per-position scalars, one softmax over both. Same value as
-        SDPA over all steps' keys with that mask (tested), but every step costs about what step 0 costs,
-        where the masked kernel computed all T*(j+1) columns.
+        a causal (T, T) block plus j per-position scalars under one softmax: `_TTTAttention` runs the
+        block with the flash kernel and merges the scalars through the log-sum-exp. Same value and
+        gradients as SDPA over all steps' keys with that mask (tested), at about step 0's cost.
         """
-        t = q.shape[2]
         dk = k.unsqueeze(3) if dk is None else torch.cat([dk, k.unsqueeze(3).to(dk.dtype)], 3)
         dv = v.unsqueeze(3) if dv is None else torch.cat([dv, v.unsqueeze(3).to(dv.dtype)], 3)
         rep = self.heads // self.kv_heads
         if rep > 1:
             k0, v0, dk, dv = (x.repeat_interleave(rep, 1) for x in (k0, v0, dk, dv))
         k0, v0, dk, dv = (x.to(q.dtype) for x in (k0, v0, dk, dv))
-        scale = self.head_dim ** -0.5
-        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        s0 = torch.matmul(q, k0.transpose(-1, -2)).masked_fill(~causal, float("-inf"))
-        sd = (q.unsqueeze(3) * dk).sum(-1)
-        p = torch.softmax(torch.cat([s0, sd], -1).float() * scale, -1).to(q.dtype)
-        return torch.matmul(p[..., :t], v0) + (p[..., t:].unsqueeze(-1) * dv).sum(3)
+        return _TTTAttention.apply(q, k0, v0, dk, dv, self.head_dim ** -0.5)
+
+
+class _TTTAttention(torch.autograd.Function):
+    """softmax over [causal q.k0 block | per-position q.dk_i] applied to [v0 | dv_i], i = 1..J.
+
+    Forward: the causal block by the CPU flash kernel, which also returns its log-sum-exp lse0;
+    with the J diagonal scores s_i, lse = logsumexp(lse0, s_1..s_J), and
+    out = exp(lse0 - lse) * out0 + sum_i exp(s_i - lse) * dv_i.
+    Backward: the flash backward given the *merged* out and lse recomputes the block's
+    probabilities as exp(S - lse), which are exactly its share of the joint softmax, and uses
+    D = rowsum(dO * out) of the joint softmax, so it returns the block's exact gradients; the J
+    diagonal terms follow the usual softmax backward dS_i = w_i (dO . dv_i - D). All in fp32
+    accumulation; tensors (B, H, T, d) and (B, H, T, J, d), heads already expanded for GQA.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k0, v0, dk, dv, scale):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        o0, lse0 = flash(q, k0, v0, 0.0, True, scale=scale)
+        sd = (q.unsqueeze(3) * dk).sum(-1).float() * scale  # (B, H, T, J)
+        lse = torch.logsumexp(torch.cat([lse0.unsqueeze(-1), sd], -1), -1)
+        a = (lse0 - lse).exp()
+        w = (sd - lse.unsqueeze(-1)).exp()
+        out = (a.unsqueeze(-1) * o0.float() + (w.unsqueeze(-1) * dv.float()).sum(3)).to(q.dtype)
+        ctx.save_for_backward(q, k0, v0, dk, dv, out, lse, w)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k0, v0, dk, dv, out, lse, w = ctx.saved_tensors
+        scale = ctx.scale
+        g = g.contiguous().to(q.dtype)
+        gq, gk0, gv0 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g, q, k0, v0, out, lse, 0.0, True, scale=scale)
+        gf = g.float()
+        dsum = (gf * out.float()).sum(-1, keepdim=True)  # D, (B, H, T, 1)
+        ds = w * ((gf.unsqueeze(3) * dv.float()).sum(-1) - dsum)  # (B, H, T, J)
+        gq = gq.float() + scale * (ds.unsqueeze(-1) * dk.float()).sum(3)
+        gdk = scale * ds.unsqueeze(-1) * q.float().unsqueeze(3)
+        gdv = w.unsqueeze(-1) * gf.unsqueeze(3)
+        return gq.to(q.dtype), gk0, gv0, gdk.to(dk.dtype), gdv.to(dv.dtype), None
 
 
 class EagleDecoderLayer(nn.Module):
@@ -532,7 +568,7 @@ class EagleDrafter(nn.Module):
         t_top = t_logp.argmax(-1)
         # The same teacher serves every unrolled step: its probabilities and entropy are computed once.
         t_prob = t_logp.exp()
-        t_negent = torch.special.xlogy(t_prob, t_prob).sum(-1)
+        t_negent = (t_prob * t_logp).sum(-1)  # sum p log p (exp of a finite log-softmax: no 0 * -inf)
         w_tok, w_feat = cfg.token_weight(), cfg.feature_weight()
         feat_target = None
         if w_feat > 0:

@@ -376,6 +376,33 @@ def test_ttt_attention_equals_masked_sdpa(j):
         assert torch.allclose(a, c, atol=1e-5)
 
 
+def test_ttt_attention_bf16_close_to_fp32():
+    """Under bf16 autocast the flash-kernel TTT attention stays within bf16 rounding of the fp32 value,
+    gradients included (the merge through the log-sum-exp is accumulated in fp32)."""
+    from transformers import LlamaConfig
+
+    from specdistill.drafters.eagle import EagleAttention
+
+    lc = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    attn = EagleAttention(lc, 64)
+    g = torch.Generator().manual_seed(0)
+    b, t, d = 2, 33, 16
+    q, k, v = (torch.randn(b, n, t, d, generator=g) for n in (4, 2, 2))
+    k0, v0 = (torch.randn(b, 2, t, d, generator=g) for _ in range(2))
+    dk, dv = (torch.randn(b, 2, t, 1, d, generator=g) for _ in range(2))
+    w = torch.randn(b, 4, t, d, generator=g)
+    outs, grads = [], []
+    for dt in (torch.float32, torch.bfloat16):
+        leaves = [x.to(dt).requires_grad_() for x in (q, k, v, k0, dk, v0, dv)]
+        out = attn._ttt_attention(*leaves)
+        assert out.dtype == dt
+        outs.append(out.float())
+        grads.append([x.float() for x in torch.autograd.grad((out.float() * w).sum(), leaves)])
+    assert (outs[0] - outs[1]).abs().max() < 0.05
+    for a, c in zip(*grads):
+        assert (a - c).abs().max() <= 0.05 * a.abs().max() + 0.05
+
+
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 def test_drafted_tokens_are_embedded_by_their_target_id(target, batch, mode, monkeypatch):
     """With a reduced vocabulary, a draft step reads the embedding of the drafted token's *target*
