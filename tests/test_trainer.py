@@ -131,3 +131,17 @@ def test_logs_and_config_written(tmp_path, tiny_target):
     assert any("val/loss" in r for r in rows)
     assert all(r["tokens_per_s"] > 0 for r in rows if "loss" in r)
     assert config.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text())).train.max_steps == 3
+
+
+def test_progress_total_follows_the_time_budget():
+    """Under train.max_minutes the bar's total is what the time left allows at this run's pace
+    (capped by max_steps), so a time-budgeted run with max_steps=1000000 shows a real ETA."""
+    from specdistill.train.trainer import _budget_total
+
+    # 10 steps in 60 s of a 10-minute budget: 540 s left at 6 s/step = 90 more steps
+    assert _budget_total(10, 10, 1_000_000, 60.0, 10.0) == 100
+    # resumed at step 500: the pace counts this run's steps only
+    assert _budget_total(510, 10, 1_000_000, 60.0, 10.0) == 600
+    # max_steps comes first when it is nearer; a spent budget leaves the steps done
+    assert _budget_total(10, 10, 50, 60.0, 10.0) == 50
+    assert _budget_total(10, 10, 1_000_000, 700.0, 10.0) == 10

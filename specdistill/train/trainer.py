@@ -30,6 +30,15 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def _budget_total(step: int, steps_this_run: int, max_steps: int, elapsed_s: float, max_minutes: float) -> int:
+    """Progress-bar total under a wall-clock budget (max_minutes counts from this run's start): the
+    steps done plus those the time left allows at this run's pace, capped by max_steps. So the bar's
+    ETA is the budget's end rather than that of e.g. max_steps=1000000."""
+    left_s = max(60.0 * max_minutes - elapsed_s, 0.0)
+    pace = elapsed_s / max(steps_this_run, 1)
+    return min(max_steps, step + int(left_s / max(pace, 1e-9)))
+
+
 class _LossModule(torch.nn.Module):
     """Routes the drafter's loss through `forward`, so DDP/DeepSpeed wrappers and autocast apply."""
 
@@ -239,7 +248,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=tc.max_steps, initial=self.step, desc=tc.run_name, dynamic_ncols=True)
-        t_start = time.time()
+        t_start, first_step = time.time(), self.step
         window_tokens, window_time, history = 0, 0.0, []
         last_good = checkpoint.latest(self.out_dir) if self.out_dir.exists() else None
         while self.step < tc.max_steps:
@@ -289,6 +298,9 @@ class Trainer:
                 logger.log(rec, self.step)
                 window_tokens, window_time = 0, 0.0
             if bar is not None:
+                if tc.max_minutes > 0:
+                    bar.total = _budget_total(self.step, self.step - first_step, tc.max_steps, time.time() - t_start,
+                                              tc.max_minutes)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{int(global_tokens.item()) / max(dt, 1e-9):.0f}")
             out_of_time = tc.max_minutes > 0 and (time.time() - t_start) / 60 >= tc.max_minutes
