@@ -145,3 +145,31 @@ def test_progress_total_follows_the_time_budget():
     # max_steps comes first when it is nearer; a spent budget leaves the steps done
     assert _budget_total(10, 10, 50, 60.0, 10.0) == 50
     assert _budget_total(10, 10, 1_000_000, 700.0, 10.0) == 10
+
+
+def test_progress_bar_under_a_time_budget(tmp_path, tiny_target, monkeypatch):
+    """A budgeted run with the bar on: the bar's total tracks the budget, not max_steps, and the run
+    stops at the budget with a checkpoint. The clock is faked: 1 minute per step, budget 3 minutes."""
+    import tqdm.auto
+
+    import specdistill.train.trainer as trainer_mod
+
+    clock = {"t": 1000.0}
+
+    def fake_time():
+        clock["t"] += 30.0  # the loop reads the clock twice per step
+        return clock["t"]
+
+    monkeypatch.setattr(trainer_mod.time, "time", fake_time)
+    totals = []
+    real_update = tqdm.auto.tqdm.update
+
+    def spy(self, n=1):
+        totals.append(self.total)
+        return real_update(self, n)
+
+    monkeypatch.setattr(tqdm.auto.tqdm, "update", spy)
+    tr, _, _ = fit(tmp_path, tiny_target, max_steps=1_000_000, max_minutes=3, progress=True)
+    assert 1 <= tr.step <= 4, tr.step
+    assert totals and max(totals) < 100, totals  # never the 1,000,000 of max_steps
+    assert totals[-1] == tr.step
