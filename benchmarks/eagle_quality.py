@@ -41,7 +41,6 @@ only the JSON, which is also written to <out>/eagle_quality.json (and each eval.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -60,24 +59,6 @@ VARIANTS = {  # name -> (recipe, overrides of that recipe's YAML)
     "hass": ("hass", []),
 }
 MAX_STEPS = 1_000_000
-
-
-@contextlib.contextmanager
-def _loggers_to_stderr():
-    """Point logging handlers already bound to stdout (e.g. DeepSpeed's, made at its import) at stderr."""
-    import logging
-
-    moved = []
-    for lg in [logging.getLogger()] + [x for x in logging.Logger.manager.loggerDict.values()
-                                        if isinstance(x, logging.Logger)]:
-        for h in lg.handlers:
-            if isinstance(h, logging.StreamHandler) and h.stream is sys.stdout:
-                moved.append((h, h.setStream(sys.stderr)))
-    try:
-        yield
-    finally:
-        for h, old in moved:
-            h.setStream(old)
 
 
 def parse_args(argv):
@@ -271,7 +252,9 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     # Everything the recipes, the Trainer, evaluate and library loggers print goes to stderr; stdout = the JSON.
-    with _loggers_to_stderr(), contextlib.redirect_stdout(sys.stderr):
+    from specdistill.train.logging import stdout_to_stderr
+
+    with stdout_to_stderr():
         doc = run(args, argv)
     print(json.dumps(doc, indent=1))
     return doc

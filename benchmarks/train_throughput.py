@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -72,6 +73,17 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from specdistill.train.logging import stdout_to_stderr
+
+    with stdout_to_stderr():  # library chatter (e.g. DeepSpeed's accelerator warning) to stderr
+        result = run(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    result = {"command": shlex.join(["python", "benchmarks/train_throughput.py", *argv]), **result}
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def run(args) -> dict:
     import specdistill.drafters.eagle  # noqa: F401  (registers the family)
     from specdistill import config, data, drafters, targets
     from specdistill.config import DataConfig
@@ -152,8 +164,7 @@ def main(argv=None) -> int:
     result["goal_online_ratio_0.8_met"] = result["online_over_forward_ratio"] >= 0.8
     if "cache_bytes_per_token" in result:
         result["goal_cache_5KB_met"] = result["cache_bytes_per_token"] <= 5 * 1024
-    print(json.dumps(result, indent=1))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ branch on `if wandb:` or on the rank.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -66,6 +67,26 @@ class WandbLogger(NullLogger):
     def close(self):
         self.run.finish()
 
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Everything printed inside goes to stderr, logging handlers already bound to stdout included
+    (e.g. DeepSpeed's, made at its import): scripts whose stdout must hold only JSON wrap their run."""
+    import sys
+
+    moved = []
+    for lg in [logging.getLogger()] + [x for x in logging.Logger.manager.loggerDict.values()
+                                        if isinstance(x, logging.Logger)]:
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and h.stream is sys.stdout:
+                moved.append((h, h.setStream(sys.stderr)))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for h, old in moved:
+            h.setStream(old)
 
 def _wandb_id(out_dir: Path) -> str:
     p = out_dir / "wandb_id.txt"
