@@ -68,7 +68,6 @@ class WandbLogger(NullLogger):
         self.run.finish()
 
 
-
 @contextlib.contextmanager
 def stdout_to_stderr():
     """Everything printed inside goes to stderr, logging handlers already bound to stdout included
@@ -87,6 +86,7 @@ def stdout_to_stderr():
     finally:
         for h, old in moved:
             h.setStream(old)
+
 
 def _wandb_id(out_dir: Path) -> str:
     p = out_dir / "wandb_id.txt"
