@@ -234,7 +234,20 @@ class EagleAttention(nn.Module):
         if rep > 1:
             k0, v0, dk, dv = (x.repeat_interleave(rep, 1) for x in (k0, v0, dk, dv))
         k0, v0, dk, dv = (x.to(q.dtype) for x in (k0, v0, dk, dv))
-        return _TTTAttention.apply(q, k0, v0, dk, dv, self.head_dim ** -0.5)
+        scale = self.head_dim ** -0.5
+        if q.device.type == "cpu":
+            return _TTTAttention.apply(q, k0, v0, dk, dv, scale)
+        return _ttt_attention_materialised(q, k0, v0, dk, dv, scale)  # the flash op used is CPU-only
+
+
+def _ttt_attention_materialised(q, k0, v0, dk, dv, scale):
+    """The TTT attention of `_TTTAttention` with the (T, T) scores materialised: any device."""
+    t = q.shape[2]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    s0 = torch.matmul(q, k0.transpose(-1, -2)).masked_fill(~causal, float("-inf"))
+    sd = (q.unsqueeze(3) * dk).sum(-1)
+    p = torch.softmax(torch.cat([s0, sd], -1).float() * scale, -1).to(q.dtype)
+    return torch.matmul(p[..., :t], v0) + (p[..., t:].unsqueeze(-1) * dv).sum(3)
 
 
 class _TTTAttention(torch.autograd.Function):

@@ -344,12 +344,13 @@ def test_overfit_on_real_target_drafts_the_memorised_continuation():
 
 
 @pytest.mark.parametrize("j", [1, 2, 3])
-def test_ttt_attention_equals_masked_sdpa(j):
+def test_ttt_attention_equals_masked_sdpa(j, monkeypatch):
     """The diagonal TTT attention equals SDPA over [step-0 keys, keys of steps 1..j] with the
     causal-then-diagonal mask, in value and in gradients (GQA: 4 query heads over 2 kv heads)."""
     import torch.nn.functional as F
     from transformers import LlamaConfig
 
+    from specdistill.drafters import eagle as eagle_mod
     from specdistill.drafters.eagle import EagleAttention
 
     lc = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
@@ -366,14 +367,18 @@ def test_ttt_attention_equals_masked_sdpa(j):
                                          attn_mask=mask, enable_gqa=True)
     dk = torch.stack(hk, 3) if hk else None
     dv = torch.stack(hv, 3) if hv else None
-    got = attn._ttt_attention(q, k, v, k0, dk, v0, dv)
-    assert torch.allclose(got, ref, atol=1e-5)
     leaves = [q, k, v, k0, v0] + hk + hv
     w = torch.randn(ref.shape, generator=g)
     g_ref = torch.autograd.grad((ref * w).sum(), leaves)
-    g_got = torch.autograd.grad((got * w).sum(), leaves)
-    for a, c in zip(g_got, g_ref):
-        assert torch.allclose(a, c, atol=1e-5)
+    # on CPU the flash-kernel path; then the materialised path that other devices take
+    for path in ("flash", "materialised"):
+        if path == "materialised":
+            monkeypatch.setattr(eagle_mod._TTTAttention, "apply", eagle_mod._ttt_attention_materialised)
+        got = attn._ttt_attention(q, k, v, k0, dk, v0, dv)
+        assert torch.allclose(got, ref, atol=1e-5), path
+        g_got = torch.autograd.grad((got * w).sum(), leaves)
+        for a, c in zip(g_got, g_ref):
+            assert torch.allclose(a, c, atol=1e-5), path
 
 
 def test_ttt_attention_bf16_close_to_fp32():
