@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,7 +78,6 @@ def main(argv=None) -> int:
 
     with stdout_to_stderr():  # library chatter (e.g. DeepSpeed's accelerator warning) to stderr
         result = run(args)
-    argv = sys.argv[1:] if argv is None else list(argv)
     result = {"command": shlex.join(["python", "benchmarks/train_throughput.py", *argv]), **result}
     print(json.dumps(result, indent=1))
     return 0

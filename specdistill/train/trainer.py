@@ -283,7 +283,8 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             self.tokens_seen += int(global_tokens.item())
-            dt = time.time() - t0
+            now = time.time()
+            dt, elapsed = now - t0, now - t_start  # one clock read: step time, and the budget's
             window_tokens += int(global_tokens.item())
             window_time += dt
             history.append(step_loss)
@@ -299,11 +300,10 @@ class Trainer:
                 window_tokens, window_time = 0, 0.0
             if bar is not None:
                 if tc.max_minutes > 0:
-                    bar.total = _budget_total(self.step, self.step - first_step, tc.max_steps, time.time() - t_start,
-                                              tc.max_minutes)
+                    bar.total = _budget_total(self.step, self.step - first_step, tc.max_steps, elapsed, tc.max_minutes)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{int(global_tokens.item()) / max(dt, 1e-9):.0f}")
-            out_of_time = tc.max_minutes > 0 and (time.time() - t_start) / 60 >= tc.max_minutes
+            out_of_time = tc.max_minutes > 0 and elapsed / 60 >= tc.max_minutes
             if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
                 val = self.evaluate()
                 if val:
