@@ -19,12 +19,10 @@ from typing import Any
 
 import yaml
 
+from specdistill.errors import ConfigError  # re-exported: callers import it from here too
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE_CONFIG_DIR = REPO_ROOT / "recipes" / "configs"
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the dotted key."""
 
 
 @dataclass

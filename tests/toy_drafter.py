@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specdistill.drafters.base import REGISTRY, DrafterSpec, LossOutput, register
+from specdistill.drafters.base import REGISTRY, Drafter, DrafterSpec, LossOutput, register
 
 
 @dataclass
@@ -19,7 +19,7 @@ class ToyConfig:
     """Return a NaN loss from this call on (0 = never); for the non-finite-loss test."""
 
 
-class ToyDrafter(torch.nn.Module):
+class ToyDrafter(Drafter):
     def __init__(self, cfg: ToyConfig, hidden: int, vocab: int):
         super().__init__()
         self.cfg = cfg
@@ -42,11 +42,20 @@ class ToyDrafter(torch.nn.Module):
     def num_loss_tokens(self, batch):
         return batch["loss_mask"][:, 2:].sum()
 
+    def trainable_parameters(self):
+        return list(self.parameters())
+
+    def proposer(self, target, options=None):
+        raise NotImplementedError("the toy drafter is for Trainer tests; it does not draft")
+
+    def export_state_dict(self):
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
 
 def _build(cfg, target):
     return ToyDrafter(cfg, target.hidden_size, target.vocab_size)
 
 
 if "toy" not in REGISTRY:
-    register(DrafterSpec(name="toy", config_cls=ToyConfig, build=_build,
+    register(DrafterSpec(name="toy", config_cls=ToyConfig, build=_build, drafter_cls=ToyDrafter,
                          target_layers=lambda cfg, tc: [], export_formats=("native",), paper="test only"))

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdistill import losses
-from specdistill.config import ConfigError
-from specdistill.drafters.base import DrafterSpec, LossOutput, register
+from specdistill.errors import ConfigError
+from specdistill.drafters.base import Drafter, DrafterSpec, LossOutput, register
 from specdistill.verify.proposer import DraftTree, Proposer, ProposerState
 
 VARIANTS = ("eagle1", "eagle3")
@@ -332,7 +332,7 @@ class EagleDecoderLayer(nn.Module):
 # The drafter
 
 
-class EagleDrafter(nn.Module):
+class EagleDrafter(Drafter):
     """EAGLE-1 / EAGLE-3 drafter (module docstring). Target weights are frozen non-persistent buffers."""
 
     def __init__(self, cfg: EagleConfig, target):
@@ -899,6 +899,7 @@ register(DrafterSpec(
     config_cls=EagleConfig,
     build=_build,
     target_layers=_target_layers,
+    drafter_cls=EagleDrafter,
     export_formats=("native", "sglang", "vllm"),
     paper="EAGLE (Li et al. 2024, arXiv 2401.15077); EAGLE-2 (arXiv 2406.16858); EAGLE-3 (arXiv 2503.01840); "
           "HASS (Zhang et al. 2024, arXiv 2408.15766)",

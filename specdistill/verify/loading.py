@@ -11,32 +11,14 @@ import copy
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from specdistill.verify.proposer import Proposer
+from specdistill.verify.proposer import Proposer, ProposerOptions
 from specdistill.verify.proposers import DraftModelProposer, PromptLookupProposer, check_same_vocabulary
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ProposerOptions:
-    """Settings every loader receives; a family reads the ones that apply to it."""
-
-    num_draft_tokens: int = 5
-    """Draft length (chain) or depth (tree)."""
-    tree: tuple[int, ...] | None = None
-    """Branching factor per depth for tree drafts (e.g. (4, 2, 1)); None = a chain."""
-    temperature: float = 0.0
-    """Sampling temperature of the run; drafters may sample from their own distribution at it."""
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    confidence_threshold: float = 0.0
-    """Draft-model proposers stop a draft when their next token's probability is below this (0 = off)."""
 
 
 Loader = Callable[[Path, "object", ProposerOptions], Proposer]

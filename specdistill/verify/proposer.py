@@ -8,6 +8,23 @@ import torch
 
 
 @dataclass
+class ProposerOptions:
+    """Settings every loader receives; a family reads the ones that apply to it."""
+
+    num_draft_tokens: int = 5
+    """Draft length (chain) or depth (tree)."""
+    tree: tuple[int, ...] | None = None
+    """Branching factor per depth for tree drafts (e.g. (4, 2, 1)); None = a chain."""
+    temperature: float = 0.0
+    """Sampling temperature of the run; drafters may sample from their own distribution at it."""
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    confidence_threshold: float = 0.0
+    """Draft-model proposers stop a draft when their next token's probability is below this (0 = off)."""
+
+
+@dataclass
 class ProposerState:
     """What the verifier tells a proposer before each draft.
 
