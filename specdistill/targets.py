@@ -14,6 +14,7 @@ numbers vLLM and SGLang read from `eagle_aux_hidden_state_layer_ids`. Logits are
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -131,6 +132,47 @@ def resolve(cfg: TargetConfig) -> tuple[str, dict]:
     return name, kwargs
 
 
+class LayerCapture:
+    """Forward pre-hooks that record the hidden states entering decoder layers / the final norm
+    (module docstring convention), for training and decoding alike.
+
+    Hooks stay registered until `remove()` (or the end of a `with` block) but record only while
+    `active`: draft models built from the target's own layers (truncated:n) share these modules.
+    """
+
+    def __init__(self, target: TargetModel, layers, detach: bool = True):
+        self.layers = target.check_layers(layers) if layers else []
+        self.captured: dict[int, torch.Tensor] = {}
+        self.active = True
+        self.handles = []
+        n = target.num_layers
+        blocks = target.decoder_layers()
+
+        def record(i, x):
+            if self.active:
+                self.captured[i] = x.detach() if detach else x
+
+        for i in self.layers:
+            if i < n:
+                self.handles.append(blocks[i].register_forward_pre_hook(
+                    lambda mod, args, kwargs, i=i: record(i, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True))
+            else:
+                self.handles.append(target.final_norm.register_forward_pre_hook(
+                    lambda mod, args, i=i: record(i, args[0])))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self) -> LayerCapture:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
 class TargetModel(torch.nn.Module):
     """A frozen causal LM plus the one forward drafters train against."""
 
@@ -186,34 +228,88 @@ class TargetModel(torch.nn.Module):
             raise ValueError(f"layer ids {bad} out of range for a {n}-layer target (valid: 0..{n}, see targets.py)")
         return out
 
-    @torch.no_grad()
-    def forward(self, input_ids, attention_mask=None, layers=(), return_logits: bool = True) -> TargetOutput:
-        """Frozen forward: hidden states of `layers` (module docstring convention) and logits."""
-        layers = self.check_layers(layers)
-        n = self.num_layers
-        captured: dict[int, torch.Tensor] = {}
-        hooks = []
-        blocks = self.decoder_layers()
-        for i in layers:
-            if i < n:
-                def pre(mod, args, kwargs, i=i):
-                    captured[i] = (args[0] if args else kwargs["hidden_states"]).detach()
-                hooks.append(blocks[i].register_forward_pre_hook(pre, with_kwargs=True))
-        if n in layers:
-            def pre_norm(mod, args, n=n):
-                captured[n] = args[0].detach()
-            hooks.append(self.final_norm.register_forward_pre_hook(pre_norm))
-        try:
+    def capture(self, layers, detach: bool = True) -> LayerCapture:
+        """Hooks recording the hidden states of `layers` (module docstring convention) on every
+        forward while active; the one capture used by training (`forward`) and decoding (verifier)."""
+        return LayerCapture(self, layers, detach=detach)
+
+    def forward(self, input_ids, attention_mask=None, layers=(), return_logits: bool = True,
+                grad: bool = False) -> TargetOutput:
+        """One target forward: hidden states of `layers` (module docstring convention) and logits.
+
+        Frozen (no_grad) unless `grad`: a trainable target (peft adapters, `attach_lora`) runs with
+        grad so its adapters learn; its base weights stay frozen either way."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self.capture(layers, detach=not grad) as cap:
             out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
-        last = out.last_hidden_state
-        logits = self.lm_head(last) if return_logits else None
+            last = out.last_hidden_state
+            logits = self.lm_head(last) if return_logits else None
         # A sharded target (device_map) leaves states on several devices; hand them over on the inputs'.
         dev = input_ids.device
-        return TargetOutput(hidden_states={i: captured[i].to(dev) for i in layers}, last_hidden=last.to(dev),
+        return TargetOutput(hidden_states={i: cap.captured[i].to(dev) for i in cap.layers}, last_hidden=last.to(dev),
                             logits=None if logits is None else logits.to(dev))
+
+    # -- trainable target (peft LoRA) ---------------------------------------------------------
+
+    def attach_lora(self, lora_config) -> list[torch.nn.Parameter]:
+        """Inject peft LoRA adapters into the target in place (module names keep their paths) and
+        return the adapter parameters, the only target weights that train."""
+        from peft import inject_adapter_in_model
+
+        if self.has_adapters:
+            raise RuntimeError("the target already carries LoRA adapters")
+        inject_adapter_in_model(lora_config, self.model)
+        params = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        if not params:
+            raise ValueError(f"LoRA target_modules {lora_config.target_modules} matched no module of the target")
+        for p in params:
+            p.requires_grad_(True)
+        self.lora_config = lora_config
+        return params
+
+    @property
+    def has_adapters(self) -> bool:
+        return any("lora_" in n for n, _ in self.model.named_parameters())
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors only (what a checkpoint or an adapter export holds)."""
+        return {k: v for k, v in self.model.state_dict().items() if "lora_" in k}
+
+    def load_adapter_state_dict(self, sd: dict[str, torch.Tensor], where: str = "") -> None:
+        mine = self.adapter_state_dict()
+        if set(sd) != set(mine):
+            missing, extra = sorted(set(mine) - set(sd))[:3], sorted(set(sd) - set(mine))[:3]
+            raise ValueError(f"{where or 'adapter state'}: adapter tensors do not match the target's "
+                             f"(missing {missing}, unexpected {extra})")
+        with torch.no_grad():
+            for k, v in mine.items():
+                v.copy_(sd[k].to(v.dtype))
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """The original target inside the block (e.g. Medusa-2's self-distillation teacher)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        for m in layers:
+            m.enable_adapters(False)
+        try:
+            yield self
+        finally:
+            for m in layers:
+                m.enable_adapters(True)  # peft's set_adapter also makes the adapters trainable again
+
+    def merge_adapters(self) -> None:
+        """Fold the adapters into the base weights and drop them (a merged export of a changed target)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, m in list(self.model.named_modules()):
+            if isinstance(m, BaseTunerLayer):
+                m.merge()
+                parent_name, _, child = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                setattr(parent, child, m.get_base_layer())
+        for p in self.model.parameters():
+            p.requires_grad_(False)
 
     @property
     def is_sharded(self) -> bool:

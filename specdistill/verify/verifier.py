@@ -52,39 +52,6 @@ class GenerationResult:
         return len(self.tokens) / self.steps if self.steps else 0.0
 
 
-class _HiddenCapture:
-    """Forward pre-hooks that record the hidden states entering decoder layers / the final norm.
-
-    Same layer-id convention as targets.py. Hooks stay registered for a whole generation but only
-    record while `active`, because draft models built from the target's own layers (truncated:n)
-    share these modules.
-    """
-
-    def __init__(self, target, layers):
-        self.layers = target.check_layers(layers) if layers else []
-        self.captured: dict[int, torch.Tensor] = {}
-        self.active = False
-        self.handles = []
-        n = target.num_layers
-        blocks = target.decoder_layers()
-        for i in self.layers:
-            if i < n:
-                def pre(mod, args, kwargs, i=i):
-                    if self.active:
-                        self.captured[i] = args[0] if args else kwargs["hidden_states"]
-                self.handles.append(blocks[i].register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                def pre_norm(mod, args, i=i):
-                    if self.active:
-                        self.captured[i] = args[0]
-                self.handles.append(target.final_norm.register_forward_pre_hook(pre_norm))
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
 def eos_ids(target, eos_token_ids=None) -> set[int]:
     """Explicit ids, else the tokenizer's EOS plus the generation config's (SmolLM2: <|im_end|>)."""
     if eos_token_ids is not None:
@@ -177,7 +144,8 @@ class Verifier:
         buf = torch.empty(plen + max_new_tokens, dtype=torch.long)
         buf[:plen] = prompt
         length, cached = plen, 0
-        capture = _HiddenCapture(self.target, proposer.target_layers)
+        capture = self.target.capture(proposer.target_layers)
+        capture.active = False  # records only the verification passes, not the proposer's own forwards
         res = GenerationResult([], 0, [], prompt_len=plen)
         hidden: dict[int, torch.Tensor] = {}
         draft_time = verify_time = 0.0
