@@ -14,7 +14,7 @@ the worked example.
 
     optional (the base class gives the default)
     fit(train_data, target, data_key)            data-derived state before training (EAGLE: draft vocabulary)
-    rollout(batch, target, generator) -> batch   on-policy sampling before the loss (spec.rollout)
+    rollout(batch, target, seeds) -> batch       on-policy sampling before the loss (spec.rollout)
     lora_config() -> peft.LoraConfig             adapters to put on the target (spec.trains_target)
     export_info() -> dict                        metadata the format writers read (variant, layer ids, ...)
     export_formats() -> tuple[str, ...]          formats this instance can be written in (default: the spec's)
@@ -80,9 +80,11 @@ class Drafter(torch.nn.Module):
         """Derive state from the training data before the first step (not on resume or warm start,
         where the state comes with the weights). Default: nothing to derive."""
 
-    def rollout(self, batch: dict, target, generator: torch.Generator) -> dict:
+    def rollout(self, batch: dict, target, seeds: torch.Tensor) -> dict:
         """On-policy data: continue `batch` by sampling (under no_grad, on the unwrapped modules) and
-        return the new batch with its masks. Called only when the spec's `rollout` is on."""
+        return the new batch with its masks. `seeds` (B,) int64 seeds row b's sampling (one
+        `torch.Generator().manual_seed(int(seeds[b]))` per row keeps the update independent of how
+        the global batch is split). Called only when the spec's `rollout` is on."""
         raise ProtocolError(f"{type(self).__name__}: its spec asks for a rollout but it defines no rollout()")
 
     def lora_config(self):
