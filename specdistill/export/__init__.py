@@ -30,7 +30,8 @@ FORMATS = {
 def resolve_formats(drafter, requested) -> list[str]:
     spec = common.spec_of(drafter)
     # A family may narrow its formats per instance.
-    supported = tuple(getattr(drafter, "export_formats", None) or spec.export_formats)
+    own = getattr(drafter, "export_formats", None)  # a method on the Drafter protocol (drafters/base.py)
+    supported = tuple((own() if callable(own) else own) or spec.export_formats)
     if not requested:
         # Every format the family lists that can express this instance (EAGLE-1: native and sglang).
         return [f for f in supported if f in FORMATS and engine_gap(drafter, f) is None]
