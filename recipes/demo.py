@@ -10,10 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eagle import main as train_and_score  # noqa: E402
-
-from specdistill import config, pipeline  # noqa: E402
+from specdistill import config, pipeline
 
 REFERENCE = config.REPO_ROOT / "reference" / "eagle3-smollm2-135m"
 
@@ -30,7 +27,8 @@ def main(argv=None):
     else:
         print(f"== no shipped reference drafter at {REFERENCE}; skipping its score")
     print(f"== training a fresh EAGLE-3 drafter for {cfg.train.max_minutes} minutes")
-    train_and_score(argv, recipe="demo")
+    run = pipeline.train_drafter(cfg)  # the EAGLE-3 steps of recipes/eagle.py, with demo.yaml
+    pipeline.export_and_score(cfg, run.drafter, run.target, run.trainer.accelerator.is_main_process)
     fresh = pipeline.export_root(cfg) / "native" / "eval.json"
     results["fresh"] = json.loads(fresh.read_text())
     print("\n== summary (greedy, same prompts, speed-up over plain decoding by the same verifier)")

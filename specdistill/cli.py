@@ -16,7 +16,7 @@ from pathlib import Path
 
 from specdistill import config
 
-RECIPES_DIR = config.REPO_ROOT / "recipes"
+RECIPES_DIR = config.RECIPE_CONFIG_DIR.parent  # recipes/ of a checkout, or the copy in an installed wheel
 
 # (module, what it adds); each exposes register(subparsers)
 SUBCOMMAND_MODULES = [

@@ -22,7 +22,10 @@ import yaml
 from specdistill.errors import ConfigError  # re-exported: callers import it from here too
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPE_CONFIG_DIR = REPO_ROOT / "recipes" / "configs"
+# The recipes ship inside the package (specdistill/recipes: in a checkout a symlink to recipes/, in a
+# wheel the files themselves), so `specdistill train eagle` finds them from an installed wheel too.
+_SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"
+RECIPE_CONFIG_DIR = (_SHIPPED_RECIPES.resolve() if _SHIPPED_RECIPES.is_dir() else REPO_ROOT / "recipes") / "configs"
 
 
 @dataclass

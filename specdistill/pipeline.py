@@ -123,3 +123,28 @@ def compare(results: dict[str, dict]) -> str:
         rows.append(f"{name:<12}{o.get('tau', float('nan')):>7.2f}{o.get('speedup', float('nan')):>9.2f}x"
                     f"{str(ident):>11}  {alpha}")
     return "\n".join(rows)
+
+
+@dataclass
+class TrainedRun:
+    cfg: Any
+    target: Any
+    drafter: Any
+    trainer: Any
+    result: dict
+
+
+def train_drafter(cfg) -> TrainedRun:
+    """The training half every drafter recipe shares: seed, load the target, build the drafter,
+    prepare the data (online or offline features), `Trainer.fit`. Recipes differ by their YAML."""
+    from accelerate.utils import set_seed
+
+    from specdistill import drafters, targets
+    from specdistill.train import Trainer
+
+    set_seed(cfg.train.seed)  # the drafter's initial weights must not depend on the process or run
+    target = targets.load(cfg.target)
+    drafter = drafters.build(cfg.drafter, target)
+    run = training_data(cfg, target, drafter)
+    trainer = Trainer(cfg, target, drafter, run.train, run.val, run.collate, run.target_fn)
+    return TrainedRun(cfg, target, drafter, trainer, trainer.fit())

@@ -19,7 +19,9 @@ before `prepare`. `accelerator_kwargs()` gives the extra Accelerator arguments a
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from typing import Any
 
 _TRUE = ("1", "true", "yes")
@@ -201,3 +203,116 @@ def check_topology(accelerator, train_cfg) -> dict:
     if dtype == "DEEPSPEED" and plugin is not None:
         summary.update(_check_deepspeed(plugin, train_cfg, n))
     return summary
+
+
+# ------------------------------------------------------------------ mixed precision
+# The one place that decides the dtypes of a run. `resolve_precision` turns train.mixed_precision
+# (auto | no | bf16 | fp16) into what the Accelerator is built with; `precision_plan` reads the
+# built Accelerator and says, for the topology it runs, which dtype the drafter's weights have in
+# its forward, whether autocast runs, and which dtype the target features handed to the drafter
+# must have:
+#
+#   topology                 mixed_precision  drafter weights   autocast   target features
+#   DDP / one process / FSDP bf16 | fp16      fp32 (FSDP: cast)  bf16|fp16  fp32 (autocast casts)
+#   DeepSpeed ZeRO-2 / -3    bf16 | fp16      bf16 | fp16        none       bf16 | fp16
+#   any                      no               fp32               none       fp32
+#
+# DeepSpeed converts the whole module to bf16/fp16 and runs no autocast, so fp32 features reach a
+# bf16 linear ("expected m1 and m2 to have the same dtype"); they are cast here. Labels (the
+# target's last hidden state and logits) are never cast: the drafter computes its target
+# distribution from them in fp32.
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 matmuls in hardware (x86 AVX512-BF16 or AMX, Arm BF16).
+
+    oneDNN's own check (torch.ops.mkldnn._is_mkldnn_bf16_supported) also says yes on AVX512 CPUs
+    without BF16 instructions, where bf16 is emulated and training ran 3x slower than fp32, so it
+    is not used.
+    """
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(cpu, name, None)
+        if fn is not None and fn():
+            return True
+    flags = _cpuinfo_flags()
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(mixed_precision: str) -> str:
+    """train.mixed_precision -> the Accelerator's mixed_precision (no | bf16 | fp16).
+
+    auto: bf16 on a CUDA GPU that supports it, bf16 on a CPU with native bf16 (cpu_has_native_bf16),
+    else no (fp32). It is decided from capabilities only, never from a timing, so every process of
+    a job decides the same.
+    """
+    if mixed_precision != "auto":
+        return mixed_precision
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """The dtypes of one run under its topology (table above)."""
+
+    mixed_precision: str  # no | bf16 | fp16, as the Accelerator runs it
+    distributed_type: str
+    weights: Any  # torch.dtype of the drafter's weights inside its forward
+    autocast: Any  # torch.dtype of the autocast region around the drafter's forward, or None
+    features: Any  # torch.dtype of the target hidden states handed to the drafter
+    labels: Any  # torch.dtype the drafter's target distribution is computed in (always fp32)
+
+    def cast_target_output(self, out):
+        """`out` (a TargetOutput) with its hidden states in `features`; last_hidden and logits kept."""
+        hs = getattr(out, "hidden_states", None)
+        if not hs or all(not v.is_floating_point() or v.dtype == self.features for v in hs.values()):
+            return out
+        cast = {k: v.to(self.features) if v.is_floating_point() else v for k, v in hs.items()}
+        return dataclasses.replace(out, hidden_states=cast)
+
+    def wrap_target_fn(self, fn):
+        """The Trainer's target_fn, returning what `cast_target_output` makes of its result."""
+        if self.features == _fp32():
+            return fn
+        return lambda batch: self.cast_target_output(fn(batch))
+
+
+def _fp32():
+    import torch
+
+    return torch.float32
+
+
+def precision_plan(accelerator) -> PrecisionPlan:
+    """The PrecisionPlan of a built Accelerator (its distributed type and resolved mixed precision)."""
+    import torch
+
+    dtypes = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    mp = str(getattr(accelerator, "mixed_precision", "no") or "no")
+    if mp not in dtypes:
+        raise TopologyError(f"mixed precision {mp!r} is not supported by the Trainer (use no, bf16 or fp16)")
+    dist = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    half = dtypes[mp]
+    if mp == "no":
+        return PrecisionPlan(mp, dist, torch.float32, None, torch.float32, torch.float32)
+    if dist == "DEEPSPEED":  # the engine holds bf16/fp16 weights and runs no autocast
+        return PrecisionPlan(mp, dist, half, None, half, torch.float32)
+    weights = half if dist == "FSDP" else torch.float32  # FSDP's MixedPrecision casts params for compute
+    return PrecisionPlan(mp, dist, weights, half, torch.float32, torch.float32)

@@ -51,14 +51,6 @@ class _LossModule(torch.nn.Module):
         return out.loss, torch.as_tensor(out.num_tokens, dtype=torch.float32), out.metrics
 
 
-def _resolve_precision(mp: str) -> str:
-    if mp != "auto":
-        return mp
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
-
-
 def default_token_count(batch) -> torch.Tensor:
     """Loss tokens of a micro-batch: assistant tokens that have a previous position to predict them."""
     return batch["loss_mask"][:, 1:].sum()
@@ -77,7 +69,7 @@ class Trainer:
         from specdistill.train import topology
 
         self.accelerator = accelerator or Accelerator(
-            gradient_accumulation_plugin=plugin, mixed_precision=_resolve_precision(self.tc.mixed_precision),
+            gradient_accumulation_plugin=plugin, mixed_precision=topology.resolve_precision(self.tc.mixed_precision),
             **topology.accelerator_kwargs(),
         )
         acc = self.accelerator
@@ -97,7 +89,9 @@ class Trainer:
             pad = target.tokenizer.pad_token_id if target is not None else 0
             collate_fn = lambda b: collate(b, pad)  # noqa: E731
         self.collate_fn = collate_fn
-        self.target_fn = target_fn or self._online_target
+        # The plan (topology.py) says which dtype the target features handed to the drafter have.
+        self.precision = topology.precision_plan(acc)
+        self.target_fn = self.precision.wrap_target_fn(target_fn or self._online_target)
         self.count_tokens = getattr(drafter, "num_loss_tokens", default_token_count)
         params = [p for p in drafter.trainable_parameters()] if hasattr(drafter, "trainable_parameters") \
             else [p for p in drafter.parameters() if p.requires_grad]
