@@ -37,6 +37,31 @@ class JsonlLogger(NullLogger):
         self.f.close()
 
 
+def truncate_jsonl(path: Path, step: int) -> int:
+    """Drop the rows of `path` logged after `step` (and any torn last line), atomically; returns how many
+    went. A run resumed at `step` then logs each later step once, not a second time beside the rows the
+    interrupted run had written past its last checkpoint."""
+    from specdistill.fsutil import atomic_write_text
+
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            keep = isinstance(row, dict) and int(row.get("step", 0)) <= step
+        except (ValueError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(x + "\n" for x in kept))
+    return dropped
+
+
 class TensorBoardLogger(NullLogger):
     def __init__(self, logdir: Path):
         from torch.utils.tensorboard import SummaryWriter

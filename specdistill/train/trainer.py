@@ -154,6 +154,8 @@ class Trainer:
                 "best_val": self.best_val}
 
     def save(self) -> Path:
+        """Write step_<step>/ (verified checkpoint, checkpoint.py). A failed write (disk full) raises
+        checkpoint.CheckpointWriteError naming the file; the previous `latest` stays as it was."""
         state = self.accelerator.get_state_dict(self.model) if self.is_deepspeed else None
         drafter_sd = self._drafter_state(state)
         return checkpoint.save(self.accelerator, self.out_dir, self.step, drafter_sd, self.optimizer,
@@ -166,43 +168,64 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model).drafter.state_dict()
 
     def _maybe_resume(self):
-        if not self.tc.resume:
-            return
-        ckpt = checkpoint.latest(self.out_dir)
-        if ckpt is None:
-            return
-        saved_procs = checkpoint.saved_num_processes(ckpt)
-        if self.is_deepspeed and saved_procs != self.accelerator.num_processes:
-            raise ValueError(f"{ckpt}: a DeepSpeed checkpoint written by {saved_procs} processes cannot resume on "
-                             f"{self.accelerator.num_processes} (ZeRO partitions the optimizer state per rank); "
-                             f"relaunch with --nproc {saved_procs}")
-        if not self.is_deepspeed and not (ckpt / "optimizer.pt").exists():
-            raise ValueError(f"{ckpt}: written under DeepSpeed; resume it under DeepSpeed (./launch.sh ... --zero N)")
-        drafter = self.accelerator.unwrap_model(self.model).drafter
-        st = checkpoint.load(self.accelerator, ckpt, drafter, self.optimizer,
-                             deepspeed_models=self.model if self.is_deepspeed else None)
-        self.step, self.epoch, self.tokens_seen = st["step"], st["epoch"], st["tokens_seen"]
-        self.best_val = st.get("best_val")
-        self.scheduler.load_state_dict(st["scheduler"])
-        # The data position is stored per rank in micro-batches of the saving run; convert it so a
-        # run saved by N processes resumes on M processes at the same sample.
-        old_global = st["batch_in_epoch"] * st.get("num_processes", 1)
-        self.batch_in_epoch = old_global // self.accelerator.num_processes
-        if st["micro_batch_size"] != self.tc.micro_batch_size:
-            raise ValueError(f"{ckpt}: saved with train.micro_batch_size={st['micro_batch_size']}, "
-                             f"now {self.tc.micro_batch_size}; resume needs the same micro-batch size")
-        self.accelerator.print(f"resumed from {ckpt} at step {self.step}")
+        """Resume from the newest checkpoint that verifies (checkpoint.choose: a damaged one is reported
+        and the previous one used; none verifying stops the run), then cut metrics.jsonl back to the
+        step resumed from, so no step is logged twice."""
+        acc = self.accelerator
+        ckpt = checkpoint.choose(acc, self.out_dir) if self.tc.resume else None
+        if ckpt is not None:
+            saved_procs = checkpoint.saved_num_processes(ckpt)
+            if self.is_deepspeed and saved_procs != acc.num_processes:
+                raise checkpoint.CheckpointError(
+                    f"{ckpt}: a DeepSpeed checkpoint written by {saved_procs} processes cannot resume on "
+                    f"{acc.num_processes} (ZeRO partitions the optimizer state per rank); relaunch with "
+                    f"--nproc {saved_procs}")
+            if not self.is_deepspeed and not (ckpt / "optimizer.pt").exists():
+                raise checkpoint.CheckpointError(
+                    f"{ckpt}: written under DeepSpeed; resume it under DeepSpeed (./launch.sh ... --zero N)")
+            drafter = acc.unwrap_model(self.model).drafter
+            st = checkpoint.load(acc, ckpt, drafter, self.optimizer,
+                                 deepspeed_models=self.model if self.is_deepspeed else None)
+            try:
+                self.step, self.epoch, self.tokens_seen = st["step"], st["epoch"], st["tokens_seen"]
+                self.best_val = st.get("best_val")
+                self.scheduler.load_state_dict(st["scheduler"])
+                # The data position is stored per rank in micro-batches of the saving run; convert it so a
+                # run saved by N processes resumes on M processes at the same sample.
+                old_global = st["batch_in_epoch"] * st.get("num_processes", 1)
+                saved_mb = st["micro_batch_size"]
+            except (KeyError, TypeError, ValueError) as e:
+                raise checkpoint.CheckpointError(f"{ckpt / 'trainer_state.json'}: incomplete trainer state "
+                                                 f"({type(e).__name__}: {e})") from None
+            self.batch_in_epoch = old_global // acc.num_processes
+            if saved_mb != self.tc.micro_batch_size:
+                raise checkpoint.CheckpointError(
+                    f"{ckpt}: saved with train.micro_batch_size={saved_mb}, now {self.tc.micro_batch_size}; "
+                    "resume needs the same micro-batch size")
+        if acc.is_main_process:
+            tlog.truncate_jsonl(self.out_dir / "metrics.jsonl", self.step)
+        if ckpt is not None:
+            acc.print(f"resumed from {ckpt} at step {self.step}")
 
     def _write_config(self):
+        err = None
         if self.accelerator.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg_path = self.out_dir / "config.yaml"
             if cfg_path.exists() and self.tc.resume:
-                old = config_mod.from_dict(yaml.safe_load(cfg_path.read_text()))
-                if config_mod.to_dict(old.drafter) != config_mod.to_dict(self.cfg.drafter):
-                    raise ValueError(f"{cfg_path}: the drafter config differs from the run being resumed; "
-                                     f"use a new train.output_dir or train.resume=false")
-            config_mod.dump(self.cfg, cfg_path)
+                try:
+                    old = config_mod.from_dict(yaml.safe_load(cfg_path.read_text()))
+                except Exception as e:  # unreadable, not YAML, or not a run config
+                    line = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+                    old, err = None, (f"{cfg_path}: unreadable ({line}); it is the config of the run being "
+                                      "resumed: repair it, or use a new train.output_dir or train.resume=false")
+                if old is not None and config_mod.to_dict(old.drafter) != config_mod.to_dict(self.cfg.drafter):
+                    err = (f"{cfg_path}: the drafter config differs from the run being resumed; "
+                           f"use a new train.output_dir or train.resume=false")
+            if err is None:
+                config_mod.dump(self.cfg, cfg_path)
+        if (err := checkpoint.agree(self.accelerator, err)) is not None:
+            raise checkpoint.CheckpointError(err)
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ the loop
@@ -230,6 +253,8 @@ class Trainer:
         return {f"val/{k}": (self._reduce(v) / ntok).item() for k, v in tot.items()}
 
     def fit(self) -> dict:
+        if getattr(self, "_run_lock", None) is None:  # one run per output dir: hold <output_dir>/.lock
+            return checkpoint.guarded(self, self.fit)
         acc, tc = self.accelerator, self.tc
         self._write_config()
         self._maybe_resume()
