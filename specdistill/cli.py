@@ -109,12 +109,31 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Commands that read files a user points at; a load error there is one line naming the file (fsutil).
+_LOAD_COMMANDS = {"export": "path", "eval": "drafter", "publish": "export_dir"}
+
+
+def _with_load_errors(args):
+    if args.command not in _LOAD_COMMANDS or args.verbose:
+        return args.func(args)
+    from specdistill.fsutil import describe_load_error
+
+    try:
+        return args.func(args)
+    except Exception as e:
+        line = describe_load_error(e, getattr(args, _LOAD_COMMANDS[args.command], None))
+        if line is None:
+            raise
+        print(f"specdistill {args.command}: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv=None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        rc = args.func(args)
+        rc = _with_load_errors(args)
     except (config.ConfigError, FileNotFoundError, ValueError) as e:
         # User errors (bad key, missing file, malformed input) get one clear line, not a traceback.
         if args.verbose:

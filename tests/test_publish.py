@@ -86,8 +86,9 @@ def test_to_dir_writes_complete_repository_and_card(run_dir, tmp_path):
     exp = run_dir / "export" / "vllm"
     dest = tmp_path / "repo"
     main(["publish", str(exp), "--to", str(dest), "--repo-id", "me/tiny-eagle3"])
-    assert sorted(p.name for p in dest.iterdir()) == sorted(
+    assert sorted(p.name for p in dest.iterdir() if p.name != hub.MARKER) == sorted(
         ["README.md", "config.json", "eval.json", "model.safetensors", "specdistill_export.json"])
+    assert (dest / hub.MARKER).is_file()  # what lets a later --force replace this directory
     assert (dest / "model.safetensors").read_bytes() == (exp / "model.safetensors").read_bytes()
     text = (dest / "README.md").read_text()
     fm = yaml.safe_load(text.split("---\n")[1])
@@ -239,3 +240,73 @@ def test_card_tolerates_other_eval_shapes(tmp_path):
     assert fm["license"] == "apache-2.0"  # the embedded default target's license
     assert "eagle1" in fm["tags"]
     assert "specdistill export" in text  # native layout: points to the engine exports
+
+
+@pytest.fixture
+def own_run(run_dir, tmp_path):
+    """A private copy of the run (these tests try to damage it)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, symlinks=True)
+    return run
+
+
+def _snapshot(root):
+    return sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*"))
+
+
+def test_force_never_replaces_a_parent_sibling_or_foreign_dir(own_run, tmp_path):
+    exp = own_run / "export" / "vllm"
+    before = _snapshot(own_run)
+    home = tmp_path / "home"  # `--to ~ --force`
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id").write_text("key")
+    for dest, match in [(own_run / "export", "contains the export"), (own_run, "contains the export"),
+                        (own_run / "export" / "sglang", "not a repository"), (home, "not a repository"),
+                        (own_run / "step_7", "not a repository")]:
+        with pytest.raises(SystemExit, match=match):
+            main(["publish", str(exp), "--to", str(dest), "--force"])
+    assert _snapshot(own_run) == before and (home / ".ssh" / "id").read_text() == "key"
+
+
+def test_force_replaces_only_an_unchanged_earlier_publish(own_run, tmp_path):
+    exp = own_run / "export" / "vllm"
+    dest = tmp_path / "repo"
+    hub.publish(exp, to=dest)
+    with pytest.raises(hub.PublishError, match="--force"):
+        hub.publish(exp, to=dest)
+    hub.publish(exp, to=dest, force=True)
+    (dest / "mine.txt").write_text("x")
+    with pytest.raises(hub.PublishError, match="mine.txt"):
+        hub.publish(exp, to=dest, force=True)
+    assert (dest / "mine.txt").read_text() == "x"
+
+
+def test_symlinks_never_leave_the_export(own_run, tmp_path):
+    exp = own_run / "export" / "vllm"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not upload")
+    (exp / "notes.txt").write_text("inside")
+    (exp / "notes_link.txt").symlink_to(exp / "notes.txt")
+    res = hub.publish(exp, repo_id="me/x", dry_run=True)
+    assert "notes_link.txt" in dict(res["files"])  # a link inside the export ships as a copy of its file
+    hub.publish(exp, to=tmp_path / "ok")
+    assert not (tmp_path / "ok" / "notes_link.txt").is_symlink()
+    assert (tmp_path / "ok" / "notes_link.txt").read_text() == "inside"
+    (exp / "leak.txt").symlink_to(secret)
+    with pytest.raises(hub.PublishError, match="leak.txt: symlink to a file outside the export"):
+        hub.publish(exp, to=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    (exp / "leak.txt").unlink()
+    (exp / "sub").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(hub.PublishError, match="sub: symlink to a directory outside"):
+        hub.publish(exp, repo_id="me/x", dry_run=True)
+
+
+def test_to_an_existing_file_is_a_clear_error(run_dir, tmp_path, capsys):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(SystemExit, match="not a directory"):
+        main(["publish", str(run_dir / "export" / "vllm"), "--to", str(f), "--force"])
+    assert f.read_text() == "x"

@@ -12,6 +12,20 @@ import json
 from pathlib import Path
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
 def load_any(path: str | Path, target_name: str = ""):
     """(drafter, target, run_cfg | None) from a run dir, step dir or native export dir."""
     import yaml
@@ -22,7 +36,7 @@ def load_any(path: str | Path, target_name: str = ""):
     path = Path(path)
     if native.is_native_dir(path) or native.is_engine_export(path):
         meta_file = "config.json" if native.is_native_dir(path) else "specdistill_export.json"
-        meta = json.loads((path / meta_file).read_text())
+        meta = _read_json(path / meta_file)
         name = target_name or ("default" if meta.get("target") == targets.DEFAULT_NAME else meta.get("target", ""))
         target = targets.load(name or "default")
         return export.load_any(path, target), target, None
@@ -31,7 +45,11 @@ def load_any(path: str | Path, target_name: str = ""):
         raise FileNotFoundError(f"{path}: neither a Trainer checkpoint (run dir with `latest`, or step_<n>/ with "
                                 "drafter.safetensors beside ../config.yaml) nor a native export (config.json with "
                                 "specdistill_format=native)")
-    run_cfg = config.from_dict(yaml.safe_load((step.parent / "config.yaml").read_text()) or {})
+    cfg_file = step.parent / "config.yaml"
+    try:
+        run_cfg = config.from_dict(yaml.safe_load(cfg_file.read_text()) or {})
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not valid YAML ({_one_line(e)})") from None
     tcfg = run_cfg.target
     if target_name:
         tcfg.name = target_name

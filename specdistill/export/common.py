@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -15,6 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 from specdistill import targets as _targets
+from specdistill.fsutil import fsync_dir, fsync_tree, umask_mode
+
+log = logging.getLogger(__name__)
 
 LAYER_CONVENTION = (
     "layer id i (0 <= i < N) = hidden state entering decoder layer i = HF output_hidden_states[i] "
@@ -168,48 +174,172 @@ def metadata(drafter, target, fmt: str, dtype: str) -> dict:
     }
 
 
-def atomic_dir(out_dir: Path, fill: Callable[[Path], object]):
-    """Run `fill(tmp)` on a temp sibling directory, then swap it into place atomically.
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)(?P<pid>\d+)$")
+EXPORT_FILES = ("config.json", "specdistill_export.json")  # plus every *.safetensors: what an export writes
+CARRIED_EVAL = ("eval.json", "eval.png")  # written by `specdistill eval`, kept across a re-export
+EVAL_STALE = ".eval_stale"  # sha256 of an eval.json that measured the weights before a re-export
 
-    A crash leaves either the previous directory or nothing at `out_dir`, never a half-written one.
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers from an earlier call in this process are stale too
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def clean_stale(out_dir: Path) -> None:
+    """Remove `.<name>.tmp<pid>` / `.<name>.old<pid>` folders left beside `out_dir` by a writer that died.
+
+    If `out_dir` itself is missing (a crash between the two renames), the newest dead `.old<pid>` copy is
+    renamed back first: it is the last complete directory. Folders of a live process are left alone.
+    """
+    out_dir = Path(out_dir)
+    parent = out_dir.parent
+    if not parent.is_dir():
+        return
+    stale: list[tuple[str, Path]] = []
+    for p in parent.iterdir():
+        m = _STAGING.match(p.name)
+        if m and m["name"] == out_dir.name and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m["pid"])):
+            stale.append((m["kind"], p))
+    olds = sorted((p for k, p in stale if k == "old"), key=lambda p: p.stat().st_mtime)
+    if olds and not out_dir.exists() and not out_dir.is_symlink():
+        log.warning("%s: missing after an interrupted write; restoring the previous copy %s", out_dir, olds[-1].name)
+        os.replace(olds[-1], out_dir)
+        fsync_dir(parent)
+        stale = [(k, p) for k, p in stale if p != olds[-1]]
+    for _kind, p in stale:
+        log.info("removing %s (left by an interrupted write)", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def atomic_dir(out_dir: Path, fill: Callable[[Path], object], carry: Callable[[Path, Path], None] | None = None):
+    """Run `fill(tmp)` on a temp sibling directory, then swap it into place.
+
+    Every file and directory is fsynced before the swap. If the second rename fails the previous
+    directory is put back; a crash between the two renames is repaired by the next call (clean_stale).
+    So `out_dir` holds the previous directory or the new one, never a half-written one.
+    `carry(old, tmp)`, when given, copies what should survive from the previous directory into tmp.
     Returns what `fill` returned.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
     old = out_dir.parent / f".{out_dir.name}.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         result = fill(tmp)
+        if carry is not None and out_dir.is_dir():
+            carry(out_dir, tmp)
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists():
+    had_old = out_dir.exists() or out_dir.is_symlink()
+    if had_old:
         os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if had_old:
+            os.replace(old, out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
     return result
 
 
-def write_dir(out_dir: Path, files: dict[str, Callable[[Path], None]]) -> Path:
+def write_dir(out_dir: Path, files: dict[str, Callable[[Path], None]],
+              carry: Callable[[Path, Path], None] | None = None) -> Path:
     """Write every file of `files` (name -> writer) into `out_dir` atomically (see atomic_dir)."""
 
     def fill(tmp: Path) -> None:
         for name, fn in files.items():
             fn(tmp / name)
 
-    atomic_dir(out_dir, fill)
+    atomic_dir(out_dir, fill, carry)
     return Path(out_dir)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _same_weights(old: Path, new: Path) -> bool:
+    names = sorted(p.name for p in new.glob("*.safetensors"))
+    if names != sorted(p.name for p in old.glob("*.safetensors")):
+        return False
+    return all((old / n).stat().st_size == (new / n).stat().st_size and _sha256(old / n) == _sha256(new / n)
+               for n in names)
+
+
+def carry_over(old: Path, new: Path) -> None:
+    """Re-export: keep what `specdistill eval` or a person put into the previous export.
+
+    Everything in `old` that the export does not write itself (EXPORT_FILES, *.safetensors) and that
+    `new` lacks is copied over, with a warning. eval.json/eval.png describe the previous weights: when
+    the weights changed they are kept but marked stale (EVAL_STALE), and `specdistill publish` refuses
+    them until `specdistill eval` has measured the new weights.
+    """
+    kept = []
+    for p in sorted(old.iterdir()):
+        name = p.name
+        if name in EXPORT_FILES or name.endswith(".safetensors") or name == EVAL_STALE or (new / name).exists():
+            continue
+        if _STAGING.match(name):
+            continue
+        if p.is_symlink():
+            os.symlink(os.readlink(p), new / name)
+        elif p.is_dir():
+            shutil.copytree(p, new / name, symlinks=True)
+        else:
+            shutil.copy2(p, new / name)
+        kept.append(name)
+    if not kept:
+        return
+    log.warning("%s: re-export keeps %s from the previous export", old, ", ".join(kept))
+    if (new / "eval.json").is_file():
+        stale_mark = old / EVAL_STALE
+        if _same_weights(old, new):
+            if stale_mark.is_file():
+                shutil.copy2(stale_mark, new / EVAL_STALE)
+        else:
+            (new / EVAL_STALE).write_text(_sha256(new / "eval.json") + "\n")
+            log.warning("%s: the weights changed, so eval.json/eval.png describe the previous weights; run "
+                        "`specdistill eval --drafter %s` again (publish refuses the stale eval.json until then)",
+                        old, old)
+
+
+def eval_is_stale(export_dir: Path) -> bool:
+    """True when eval.json is the one a re-export carried over from different weights (see carry_over)."""
+    mark, ev = Path(export_dir) / EVAL_STALE, Path(export_dir) / "eval.json"
+    if not mark.is_file() or not ev.is_file():
+        return False
+    return mark.read_text().strip() == _sha256(ev)
+
+
 def write_export(out_dir: Path, cfg: dict, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """The three files every export format writes: config.json, model.safetensors, specdistill_export.json."""
+    """The three files every export format writes: config.json, model.safetensors, specdistill_export.json.
+
+    A previous export in `out_dir` is replaced; its eval.json/eval.png and other added files are kept
+    (carry_over)."""
     return write_dir(Path(out_dir), {
         "config.json": json_writer(cfg),
         "model.safetensors": safetensors_writer(tensors),
         "specdistill_export.json": json_writer(meta),
-    })
+    }, carry=carry_over)
 
 
 def transformers_version() -> str:
@@ -223,7 +353,11 @@ def json_writer(obj: dict) -> Callable[[Path], None]:
 
 
 def safetensors_writer(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> Callable[[Path], None]:
-    return lambda p: save_file(tensors, str(p), metadata={"format": "pt", **(meta or {})})
+    def write(p: Path) -> None:
+        save_file(tensors, str(p), metadata={"format": "pt", **(meta or {})})
+        os.chmod(p, umask_mode())  # safetensors creates 0600; a serving engine may run as another user
+
+    return write
 
 
 def llama_config(architecture: str, d: dict, num_layers: int, dtype: str) -> dict:

@@ -15,36 +15,57 @@ passed only to HfApi and is never printed; error messages from the hub are scrub
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
+from specdistill import fsutil
 from specdistill.export import card as card_mod
 from specdistill.export import common
+
+log = logging.getLogger(__name__)
 
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 WEIGHT_SUFFIXES = (".safetensors",)
 # Never shipped: editor/OS litter, partial writes, and our own temp dirs.
 _SKIP = re.compile(r"(^\.|\.tmp\d*$|~$|^__pycache__$)")
+MARKER = ".specdistill_publish.json"  # written by `publish --to`: the files it wrote there
 
 
 class PublishError(ValueError):
     """The export cannot be published as asked; the message says why and what to do."""
 
 
-def repo_files(export_dir: Path) -> list[Path]:
-    """Relative paths of the export files that go into the repository (README.md is regenerated)."""
+def repo_files(export_dir: Path) -> list[tuple[Path, Path]]:
+    """(relative path in the repository, file to copy) for every export file that ships (README.md is
+    regenerated). Nothing outside the export ships: a symlink to a file inside the export is copied as that
+    file (with a warning); a symlink leading outside it, to a directory, or nowhere is refused."""
+    root = export_dir.resolve()
     files = []
-    for p in sorted(export_dir.rglob("*")):
-        rel = p.relative_to(export_dir)
-        if any(_SKIP.search(part) for part in rel.parts) or not p.is_file():
-            continue
-        if rel.as_posix() == "README.md":
-            continue
-        files.append(rel)
-    return files
+    for dirpath, dirs, names in os.walk(export_dir):
+        here = Path(dirpath)
+        dirs[:] = sorted(d for d in dirs if not _SKIP.search(d))
+        for name in [*dirs, *names]:
+            p = here / name
+            rel = p.relative_to(export_dir)
+            if _SKIP.search(name) or rel.as_posix() == "README.md":
+                continue
+            if p.is_symlink():
+                real = p.resolve()
+                if not real.is_relative_to(root) or not real.is_file():
+                    what = "a directory" if real.is_dir() else "nothing" if not real.exists() else "a file"
+                    where = "inside" if real.is_relative_to(root) else "outside"
+                    raise PublishError(f"{p}: symlink to {what} {where} the export ({real}); only files of the "
+                                       "export are published: replace the link by the file itself")
+                log.warning("%s: symlink; publishing a copy of %s", p, real.relative_to(root))
+                files.append((rel, real))
+            elif p.is_file():
+                files.append((rel, p))
+    return sorted(files)
 
 
 def check_export(export_dir: Path, force: bool) -> None:
@@ -55,6 +76,11 @@ def check_export(export_dir: Path, force: bool) -> None:
                            "(<train.output_dir>/export/<format>/)?")
     if not any(p.suffix in WEIGHT_SUFFIXES for p in export_dir.iterdir()):
         raise PublishError(f"{export_dir}: no *.safetensors weights")
+    if common.eval_is_stale(export_dir) and not force:
+        raise PublishError(
+            f"{export_dir / 'eval.json'}: measured the weights this export held before it was re-exported. "
+            f"Measure it again (`specdistill eval --drafter {export_dir}`), or pass --force."
+        )
     if not (export_dir / "eval.json").exists() and not force:
         raise PublishError(
             f"{export_dir}: no eval.json. Measure the drafter first (`specdistill eval {export_dir}` writes it "
@@ -67,24 +93,68 @@ def stage(export_dir: Path, repo_id: str, dest: Path) -> list[tuple[str, int]]:
     readme = card_mod.build_card(export_dir, repo_id)
     dest.mkdir(parents=True, exist_ok=True)
     listing = []
-    for rel in repo_files(export_dir):
+    for rel, src in repo_files(export_dir):
         out = dest / rel
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(export_dir / rel, out)
+        shutil.copy2(src, out)
         listing.append((rel.as_posix(), out.stat().st_size))
     (dest / "README.md").write_text(readme)
     listing.append(("README.md", (dest / "README.md").stat().st_size))
     return sorted(listing)
 
 
-def write_local(export_dir: Path, to: Path, repo_id: str, force: bool) -> list[tuple[str, int]]:
-    """Write the ready repository to `to` atomically: temp sibling, then rename into place."""
-    to = to.expanduser()
-    if to.resolve() == export_dir.resolve() or export_dir.resolve() in to.resolve().parents:
+def _published_by_us(to: Path) -> list[str] | None:
+    """The files an earlier `publish --to` wrote into `to` (its MARKER), or None if it did not write it."""
+    try:
+        data = json.loads((to / MARKER).read_text())
+        return [str(f) for f in data["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_destination(export_dir: Path, to: Path, force: bool) -> None:
+    """`--to` must be absent, an empty directory, or (with --force) what an earlier publish wrote, unchanged
+    since: publish never deletes what it did not create."""
+    if to.is_symlink():
+        raise PublishError(f"--to {to}: is a symlink; give the real directory")
+    if to.exists() and not to.is_dir():
+        raise PublishError(f"--to {to}: exists and is not a directory")
+    dest, exp = to.resolve(), export_dir.resolve()
+    if dest == exp or dest.is_relative_to(exp):
         raise PublishError(f"--to {to}: must not be the export directory or inside it")
-    if to.exists() and any(to.iterdir()) and not force:
-        raise PublishError(f"--to {to}: exists and is not empty; pass --force to replace it")
-    return common.atomic_dir(to, lambda tmp: stage(export_dir, repo_id, tmp))
+    if exp.is_relative_to(dest):
+        raise PublishError(f"--to {to}: contains the export {export_dir}; give a new or empty directory")
+    run = card_mod.run_dir_of(export_dir, {})
+    if run is not None and run.resolve().is_relative_to(dest):
+        raise PublishError(f"--to {to}: contains the training run {run}; give a new or empty directory")
+    if not to.exists() or not any(to.iterdir()):
+        return
+    ours = _published_by_us(to)
+    if ours is None:
+        raise PublishError(f"--to {to}: exists and is not empty, and is not a repository `specdistill publish` "
+                           "wrote; give a new or empty directory (publish only replaces its own output)")
+    extra = sorted(p.relative_to(to).as_posix() for p in to.rglob("*")
+                   if not p.is_dir() and p.relative_to(to).as_posix() not in {*ours, MARKER})
+    if extra:
+        raise PublishError(f"--to {to}: holds files an earlier publish did not write ({', '.join(extra[:5])}"
+                           f"{', ...' if len(extra) > 5 else ''}); move them away or give another directory")
+    if not force:
+        raise PublishError(f"--to {to}: exists and is not empty (an earlier publish); pass --force to replace it")
+
+
+def write_local(export_dir: Path, to: Path, repo_id: str, force: bool) -> list[tuple[str, int]]:
+    """Write the ready repository to `to` atomically: temp sibling, then rename into place (see
+    common.atomic_dir); a MARKER file records what was written, so a later --force may replace it."""
+    to = to.expanduser()
+    check_destination(export_dir, to, force)
+
+    def fill(tmp: Path) -> list[tuple[str, int]]:
+        listing = stage(export_dir, repo_id, tmp)
+        fsutil.atomic_write_text(tmp / MARKER, json.dumps(
+            {"source": str(export_dir.resolve()), "repo_id": repo_id, "files": [n for n, _ in listing]}, indent=1))
+        return listing
+
+    return common.atomic_dir(to, fill)
 
 
 def get_token() -> str | None:
@@ -153,6 +223,8 @@ def publish(export_dir: str | Path, repo_id: str | None = None, to: str | Path |
     check_export(export_dir, force)
     card_repo = repo_id or f"<org>/{Path(to).name}"
     if dry_run:
+        if to is not None:
+            check_destination(export_dir, Path(to).expanduser(), force)
         with tempfile.TemporaryDirectory(prefix="specdistill-dryrun-") as tmp:
             listing = stage(export_dir, card_repo, Path(tmp))
         where = f"{repo_id}" + (f" (revision {revision})" if revision else "") + (" [private]" if private else "") \

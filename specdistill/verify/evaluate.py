@@ -11,6 +11,7 @@ run's own answers back as assistant turns through the target's chat template.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import platform
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from specdistill import fsutil
 from specdistill.data.questions import QuestionSet, load_questions
 from specdistill.verify import metrics
 from specdistill.verify.verifier import GenerationResult, Verifier, eos_ids
@@ -177,8 +179,10 @@ def plot(result: dict, path: Path) -> None:
     a2.set_title("tau per category")
     a2.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    fsutil.atomic_write_bytes(path, buf.getvalue())
 
 
 def parse_tree(spec: str | None) -> tuple[int, ...] | None:
@@ -232,8 +236,8 @@ def main(args) -> dict:
         "machine": platform.machine(), "command": shlex.join(sys.argv), "seconds": time.time() - t0,
     }
     result["skipped_lines"] = qset.skipped
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / "eval.png")
+    plot(result, out / "eval.png")  # the figure first: eval.json is the record publish requires
+    fsutil.atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
     print(format_table(result))
     print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
     return result
