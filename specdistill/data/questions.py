@@ -1,15 +1,20 @@
 """Benchmark questions in the MT-bench / Spec-Bench JSONL format (DESIGN.md "Metrics").
 
 One JSON object a line: {"question_id": ..., "category": ..., "turns": ["...", ...]}. Bad lines are
-skipped and reported as `file:line: reason`, never silently dropped.
+skipped and reported as `file:line: reason`, never silently dropped, with the data files' rules
+(specdistill/data/sources.py): a leading UTF-8 BOM is ignored, a line that is not valid UTF-8, nests
+deeper than MAX_DEPTH or holds a lone surrogate is skipped, and the rest of the file is still read.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+
+from specdistill.data.sources import MAX_DEPTH, has_bad_text, too_deep
 
 DEFAULT_FILE = "spec_bench_question.jsonl"
 
@@ -47,7 +52,12 @@ def _parse(obj, where: str) -> Question:
     turns = obj["turns"]
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise ValueError(f"{where}: 'turns' must be a non-empty list of non-empty strings")
-    return Question(obj["question_id"], str(obj.get("category") or "uncategorized"), list(turns))
+    category = str(obj.get("category") or "uncategorized")
+    for what, text in [("question_id", str(obj["question_id"])), ("category", category)] + \
+            [(f"turn {i}", t) for i, t in enumerate(turns)]:
+        if has_bad_text(text):
+            raise ValueError(f"{where}: {what} holds a lone surrogate (not valid Unicode text)")
+    return Question(obj["question_id"], category, list(turns))
 
 
 def load_questions(path: str | Path | None = None, limit_per_category: int = 0,
@@ -58,11 +68,21 @@ def load_questions(path: str | Path | None = None, limit_per_category: int = 0,
         raise FileNotFoundError(f"{p}: question file not found")
     out = QuestionSet(str(p))
     per_cat: dict[str, int] = {}
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            if not raw.strip():
                 continue
             where = f"{p}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                out.skipped.append(f"{where}: not valid UTF-8 (byte {e.start} of the line is {raw[e.start]:#04x})")
+                continue
+            if too_deep(line):
+                out.skipped.append(f"{where}: nested deeper than {MAX_DEPTH} levels")
+                continue
             try:
                 q = _parse(json.loads(line), where)
             except json.JSONDecodeError as e:

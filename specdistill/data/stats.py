@@ -18,9 +18,9 @@ SKIP_REASONS = {
     "empty": "no messages, or no non-empty message before the first assistant turn",
     "no_assistant_turn": "no assistant message that answers a user/system message",
     "unknown_role": "a message role that is not system/user/assistant or a known alias",
-    "bad_shape": "the record is not a conversation (missing/odd keys, non-string content)",
-    "invalid_json": "a JSONL line (or a JSON array element) that does not parse",
-    "invalid_utf8": "bytes that are not UTF-8, or lone surrogates inside a string",
+    "bad_shape": "the record is not a conversation (missing/odd keys, non-string content, nested too deep)",
+    "invalid_json": "a JSONL line, or a stretch of a JSON array up to the next record, that does not parse",
+    "invalid_utf8": "bytes that are not UTF-8, or lone surrogates (\\ud83d) in the text or the id",
     "truncated_file": "the file ends in the middle of a record (that record is lost)",
     "template_error": "the chat template raised, or its rendering could not be aligned with the messages",
     "too_long": "after truncation to max_length fewer than min_loss_tokens assistant tokens remain",
@@ -32,6 +32,7 @@ NOTES = {
     "dropped_leading_assistant": "leading assistant messages removed (they answer nothing)",
     "cut_at_empty_message": "conversation cut before its first empty message",
     "prompt_truncated": "first reply did not fit: oldest prompt characters cut (truncate_prompt)",
+    "array_not_closed": "the JSON array ends without its closing ']' after a complete record",
 }
 
 
