@@ -179,8 +179,7 @@ def make_plan(target: str, gpus: int, zero: int = 0, fsdp: bool = False, drafter
     tgt = meta_target(hf)
     p_target = _unique_numel(tgt.model.parameters())
     dcfg, d = build_drafter_on_meta(drafter, list(drafter_overrides or []), tgt)
-    trainable = [p for p in (d.trainable_parameters() if hasattr(d, "trainable_parameters") else d.parameters())
-                 if p.requires_grad]
+    trainable = [p for p in d.trainable_parameters() if p.requires_grad]
     p_draft = _unique_numel(trainable)
 
     N = gpus
@@ -199,11 +198,11 @@ def make_plan(target: str, gpus: int, zero: int = 0, fsdp: bool = False, drafter
     H = int(hf.hidden_size)
     inter = int(getattr(hf, "intermediate_size", 4 * H) or 4 * H)
     V = int(hf.vocab_size)
-    layer_ids = list(getattr(d, "layer_ids", []) or [])
-    k = len(layer_ids)
-    vd = int(getattr(d, "draft_vocab_size", V) or V)
-    unroll = int(dcfg.unroll_steps()) if hasattr(dcfg, "unroll_steps") else 1
-    n_dlayers = max(1, int(getattr(dcfg, "num_layers", 1) or 1))
+    info = d.export_info()
+    k = len(d.spec.needs(dcfg, hf).layers)  # target hidden states the drafter reads
+    vd = int(info.get("draft_vocab_size") or V)
+    unroll = int(info.get("unroll_steps") or 1)
+    n_dlayers = max(1, int(info.get("num_layers") or 1))
     act_b = 2 if mixed else 4
     shard_note = f" / {N} (sharded)" if shard_t and N > 1 else " (replicated)"
     notes = []
@@ -232,7 +231,7 @@ def make_plan(target: str, gpus: int, zero: int = 0, fsdp: bool = False, drafter
 
     name = f"default ({_targets.DEFAULT_NAME})" if target == "default" else target
     return Plan(target=str(name), target_params=p_target, drafter=f"{drafter}"
-                + (f" ({dcfg.variant})" if hasattr(dcfg, "variant") else ""), drafter_params=p_draft,
+                + (f" ({d.variant})" if d.variant else ""), drafter_params=p_draft,
                 devices=N, topology=topo, micro_batch=B, seq_len=T, rows=rows,
                 notes=notes)
 

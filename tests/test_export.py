@@ -14,7 +14,7 @@ from specdistill import drafters
 from specdistill import export as ex
 from specdistill.config import ExportConfig
 from specdistill.data.vocab import vocab_map_from_counts
-from specdistill.drafters.base import DrafterSpec
+from specdistill.drafters.base import Drafter, DrafterSpec
 from specdistill.export import contracts, sglang, vllm
 from specdistill.export.contracts import ContractError
 
@@ -60,8 +60,9 @@ class _Layer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(h)
 
 
-class StandinEagle3(nn.Module):
-    """Tensor names and shapes of FORMATS.md 1.1; a toy forward so reload can be compared on outputs."""
+class StandinEagle3(Drafter):
+    """Tensor names and shapes of FORMATS.md 1.1; a toy forward so reload can be compared on outputs.
+    Export-only: it implements the Drafter protocol's export side; training and drafting raise."""
 
     def __init__(self, cfg, target):
         super().__init__()
@@ -92,10 +93,27 @@ class StandinEagle3(nn.Module):
     def export_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("embed.")}
 
+    def export_info(self):
+        # read live from cfg: tests change cfg fields after construction; layer ids come from the spec
+        return {"variant": self.cfg.variant, "draft_vocab_size": self.cfg.draft_vocab_size,
+                "norm_before_residual": self.cfg.norm_before_residual}
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_loss_tokens(self, batch):
+        return batch["loss_mask"].sum()
+
+    def loss(self, batch, target_out):
+        raise NotImplementedError("export stand-in: not trainable")
+
+    def proposer(self, target, options=None):
+        raise NotImplementedError("export stand-in: no proposer")
+
 
 @pytest.fixture
 def standin_spec():
-    spec = DrafterSpec(name=STANDIN, config_cls=StandinConfig, build=StandinEagle3,
+    spec = DrafterSpec(name=STANDIN, config_cls=StandinConfig, build=StandinEagle3, drafter_cls=StandinEagle3,
                        target_layers=lambda cfg, tc: list(cfg.layer_ids),
                        export_formats=("native", "sglang", "vllm"), paper="test stand-in")
     drafters.register(spec)

@@ -22,7 +22,7 @@ Indexing used throughout (T = sequence length, f_t = target feature at position 
 
 from __future__ import annotations
 
-import math
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -30,9 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdistill import losses
-from specdistill.errors import ConfigError
 from specdistill.drafters.base import Drafter, DrafterSpec, LossOutput, register
-from specdistill.verify.proposer import DraftTree, Proposer, ProposerState
+from specdistill.drafters.eagle_proposer import EagleProposer, make_proposer
+from specdistill.drafters.layers import DraftDecoderLayer, DraftRMSNorm, draft_llama_config, rms_norm
+from specdistill.errors import ConfigError
+from specdistill.verify.proposer import ProposerOptions
+
+log = logging.getLogger(__name__)
 
 VARIANTS = ("eagle1", "eagle3")
 
@@ -141,194 +145,6 @@ _TOKEN_LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
 
 # ---------------------------------------------------------------------------------------------
-# The draft decoder layer
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama RMSNorm with a frozen weight tensor (the target's final norm, held outside the module tree)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype) if weight.dtype == x.dtype else (weight.float() * xf).to(x.dtype)
-
-
-def _draft_llama_config(tc, cfg: EagleConfig):
-    """A one-layer LlamaConfig shaped like the target (the draft layer is Llama-style for any target)."""
-    from transformers import LlamaConfig
-
-    h = tc.hidden_size
-    heads = tc.num_attention_heads
-    rope = getattr(tc, "rope_parameters", None)
-    if not isinstance(rope, dict) or "rope_type" not in rope:
-        rope = {"rope_type": "default", "rope_theta": float(getattr(tc, "rope_theta", None) or 10000.0)}
-    return LlamaConfig(
-        hidden_size=h, intermediate_size=cfg.intermediate_size or tc.intermediate_size,
-        num_attention_heads=heads, num_key_value_heads=getattr(tc, "num_key_value_heads", None) or heads,
-        head_dim=getattr(tc, "head_dim", None) or h // heads, rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-6),
-        max_position_embeddings=getattr(tc, "max_position_embeddings", 4096),
-        hidden_act=getattr(tc, "hidden_act", "silu"), rope_parameters=dict(rope), vocab_size=tc.vocab_size,
-        num_hidden_layers=cfg.num_layers, attention_bias=False, mlp_bias=False,
-    )
-
-
-class EagleRMSNorm(nn.Module):
-    """Llama RMSNorm (state-dict name `weight`) that returns the input's dtype.
-
-    transformers' LlamaRMSNorm returns fp32 for bf16 input with an fp32 weight, which under bf16
-    autocast turns the whole residual stream back into fp32 and costs a cast before every matmul.
-    """
-
-    def __init__(self, hidden: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden))
-        self.eps = eps
-
-    def forward(self, x):
-        return _rms_norm(x, self.weight, self.eps)
-
-
-class EagleAttention(nn.Module):
-    """GQA self-attention over an explicit key/value history, SDPA kernel, RoPE at given positions."""
-
-    def __init__(self, lc, in_features: int):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = lc.num_attention_heads, lc.num_key_value_heads, lc.head_dim
-        self.q_proj = nn.Linear(in_features, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(in_features, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(in_features, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, lc.hidden_size, bias=False)
-
-    def forward(self, x, cos, sin, past_k=None, past_v=None, mask=None, causal=False):
-        """x (B, n, in); cos/sin (B|1, n, d); past_k/v (B, kv, P, d); mask (n, P+n) bool, True = attend.
-
-        Returns (out (B, n, H), k, v) with k/v (B, kv, n, d) of the new positions only.
-        """
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if isinstance(past_k, tuple):  # training-time test, unrolled step >= 1 (see _ttt_attention)
-            out = self._ttt_attention(q, k, v, *past_k, *past_v)
-            return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), k, v
-        keys = k if past_k is None else torch.cat([past_k, k.to(past_k.dtype)], 2)
-        vals = v if past_v is None else torch.cat([past_v, v.to(past_v.dtype)], 2)
-        keys, vals = keys.to(q.dtype), vals.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, is_causal=causal and mask is None,
-                                             enable_gqa=self.heads != self.kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), k, v
-
-    def _ttt_attention(self, q, k, v, k0, dk, v0, dv):
-        """Attention of unrolled step j >= 1 without SDPA's (T, T*(j+1)) mask.
-
-        Query t sees the step-0 keys 0..t (causal) and, of every later step 1..j, only its own
-        position t (dk/dv: (B, kv, T, j-1, d) for steps 1..j-1; k/v are step j's). So the scores are
-        a causal (T, T) block plus j per-position scalars under one softmax: `_TTTAttention` runs the
-        block with the flash kernel and merges the scalars through the log-sum-exp. Same value and
-        gradients as SDPA over all steps' keys with that mask (tested), at about step 0's cost.
-        """
-        dk = k.unsqueeze(3) if dk is None else torch.cat([dk, k.unsqueeze(3).to(dk.dtype)], 3)
-        dv = v.unsqueeze(3) if dv is None else torch.cat([dv, v.unsqueeze(3).to(dv.dtype)], 3)
-        rep = self.heads // self.kv_heads
-        if rep > 1:
-            k0, v0, dk, dv = (x.repeat_interleave(rep, 1) for x in (k0, v0, dk, dv))
-        k0, v0, dk, dv = (x.to(q.dtype) for x in (k0, v0, dk, dv))
-        scale = self.head_dim ** -0.5
-        if q.device.type == "cpu":
-            return _TTTAttention.apply(q, k0, v0, dk, dv, scale)
-        return _ttt_attention_materialised(q, k0, v0, dk, dv, scale)  # the flash op used is CPU-only
-
-
-def _ttt_attention_materialised(q, k0, v0, dk, dv, scale):
-    """The TTT attention of `_TTTAttention` with the (T, T) scores materialised: any device."""
-    t = q.shape[2]
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    s0 = torch.matmul(q, k0.transpose(-1, -2)).masked_fill(~causal, float("-inf"))
-    sd = (q.unsqueeze(3) * dk).sum(-1)
-    p = torch.softmax(torch.cat([s0, sd], -1).float() * scale, -1).to(q.dtype)
-    return torch.matmul(p[..., :t], v0) + (p[..., t:].unsqueeze(-1) * dv).sum(3)
-
-
-class _TTTAttention(torch.autograd.Function):
-    """softmax over [causal q.k0 block | per-position q.dk_i] applied to [v0 | dv_i], i = 1..J.
-
-    Forward: the causal block by the CPU flash kernel, which also returns its log-sum-exp lse0;
-    with the J diagonal scores s_i, lse = logsumexp(lse0, s_1..s_J), and
-    out = exp(lse0 - lse) * out0 + sum_i exp(s_i - lse) * dv_i.
-    Backward: the flash backward given the *merged* out and lse recomputes the block's
-    probabilities as exp(S - lse), which are exactly its share of the joint softmax, and uses
-    D = rowsum(dO * out) of the joint softmax, so it returns the block's exact gradients; the J
-    diagonal terms follow the usual softmax backward dS_i = w_i (dO . dv_i - D). All in fp32
-    accumulation; tensors (B, H, T, d) and (B, H, T, J, d), heads already expanded for GQA.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k0, v0, dk, dv, scale):
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        o0, lse0 = flash(q, k0, v0, 0.0, True, scale=scale)
-        sd = (q.unsqueeze(3) * dk).sum(-1).float() * scale  # (B, H, T, J)
-        lse = torch.logsumexp(torch.cat([lse0.unsqueeze(-1), sd], -1), -1)
-        a = (lse0 - lse).exp()
-        w = (sd - lse.unsqueeze(-1)).exp()
-        out = (a.unsqueeze(-1) * o0.float() + (w.unsqueeze(-1) * dv.float()).sum(3)).to(q.dtype)
-        ctx.save_for_backward(q, k0, v0, dk, dv, out, lse, w)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        q, k0, v0, dk, dv, out, lse, w = ctx.saved_tensors
-        scale = ctx.scale
-        g = g.contiguous().to(q.dtype)
-        gq, gk0, gv0 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            g, q, k0, v0, out, lse, 0.0, True, scale=scale)
-        gf = g.float()
-        dsum = (gf * out.float()).sum(-1, keepdim=True)  # D, (B, H, T, 1)
-        ds = w * ((gf.unsqueeze(3) * dv.float()).sum(-1) - dsum)  # (B, H, T, J)
-        gq = gq.float() + scale * (ds.unsqueeze(-1) * dk.float()).sum(3)
-        gdk = scale * ds.unsqueeze(-1) * q.float().unsqueeze(3)
-        gdv = w.unsqueeze(-1) * gf.unsqueeze(3)
-        return gq.to(q.dtype), gk0, gv0, gdk.to(dk.dtype), gdv.to(dv.dtype), None
-
-
-class EagleDecoderLayer(nn.Module):
-    """Llama decoder layer; with `fused=True` the EAGLE-3 `midlayer` whose attention input is
-    concat(input_layernorm(embed), hidden_norm(hidden)) (2H in-features; SGLang LlamaForCausalLMEagle3).
-
-    Without `fused` it is the EAGLE-1 layer: the input is already fc(cat(embed, feature)) and, as in
-    the EAGLE-1 reference, the first layer has no input norm (the fc output is attended directly).
-    """
-
-    def __init__(self, lc, fused: bool, input_norm: bool):
-        super().__init__()
-        from transformers.models.llama.modeling_llama import LlamaMLP
-
-        h, eps = lc.hidden_size, lc.rms_norm_eps
-        self.fused = fused
-        self.self_attn = EagleAttention(lc, 2 * h if fused else h)
-        self.mlp = LlamaMLP(lc)
-        if fused or input_norm:
-            self.input_layernorm = EagleRMSNorm(h, eps)
-        if fused:
-            self.hidden_norm = EagleRMSNorm(h, eps)
-        self.post_attention_layernorm = EagleRMSNorm(h, eps)
-
-    def forward(self, hidden, embed, cos, sin, past_k=None, past_v=None, mask=None, causal=False):
-        residual = hidden
-        if self.fused:
-            x = torch.cat([self.input_layernorm(embed.to(hidden.dtype)), self.hidden_norm(hidden)], -1)
-        elif hasattr(self, "input_layernorm"):
-            x = self.input_layernorm(hidden)
-        else:
-            x = hidden
-        a, k, v = self.self_attn(x, cos, sin, past_k, past_v, mask, causal)
-        hidden = residual + a
-        hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
-        return hidden, k, v
-
-
-# ---------------------------------------------------------------------------------------------
 # The drafter
 
 
@@ -348,7 +164,7 @@ class EagleDrafter(Drafter):
         self.draft_vocab_size = cfg.draft_vocab_size or v
         if self.draft_vocab_size > v:
             raise ConfigError(f"drafter.draft_vocab_size ({cfg.draft_vocab_size}) exceeds the target vocabulary ({v})")
-        lc = _draft_llama_config(tc, cfg)
+        lc = draft_llama_config(tc, cfg.num_layers, cfg.intermediate_size)
         self.llama_config = lc
         self.eps = lc.rms_norm_eps
         eagle3 = cfg.variant == "eagle3"
@@ -357,8 +173,8 @@ class EagleDrafter(Drafter):
         else:
             # EAGLE-1 reference keeps a bias on the fusion layer.
             self.fc = nn.Linear(2 * h, h, bias=True)
-        self.midlayer = EagleDecoderLayer(lc, fused=eagle3, input_norm=False)
-        self.layers = nn.ModuleList([EagleDecoderLayer(lc, fused=False, input_norm=True)
+        self.midlayer = DraftDecoderLayer(lc, fused=eagle3, input_norm=False)
+        self.layers = nn.ModuleList([DraftDecoderLayer(lc, fused=False, input_norm=True)
                                      for _ in range(cfg.num_layers - 1)])
         self.rotary = LlamaRotaryEmbedding(lc)
         # Frozen target tensors, held outside the module tree: they share the target's storage (no
@@ -375,7 +191,7 @@ class EagleDrafter(Drafter):
         self.register_buffer("vocab_map_ready", torch.tensor(vd == v))
         self.register_buffer("draft_ids", torch.arange(vd), persistent=False)
         if eagle3:
-            self.norm = EagleRMSNorm(h, self.eps)
+            self.norm = DraftRMSNorm(h, self.eps)
             self.lm_head = nn.Linear(h, vd, bias=False)
         self._init_weights(lc.initializer_range if hasattr(lc, "initializer_range") else 0.02)
 
@@ -424,10 +240,10 @@ class EagleDrafter(Drafter):
                 self.norm.weight.copy_(self.target_norm)
                 self.lm_head.weight.copy_(self.target_head[self.draft_ids])
 
-    def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
-        """Install the draft vocabulary (specdistill.data.vocab) before training; re-inits the eagle3 head rows."""
-        d2t = torch.as_tensor(d2t, dtype=torch.int64).flatten()
-        t2d = torch.as_tensor(t2d, dtype=torch.bool).flatten()
+    def _checked_vocab_map(self, d2t, t2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(d2t, t2d, draft ids) after checking the shapes and that d2t maps into t2d one-to-one."""
+        d2t = torch.as_tensor(d2t, dtype=torch.int64).flatten().cpu()
+        t2d = torch.as_tensor(t2d, dtype=torch.bool).flatten().cpu()
         if d2t.numel() != self.draft_vocab_size or t2d.numel() != self.vocab_size:
             raise ValueError(f"vocab map shapes d2t {tuple(d2t.shape)} / t2d {tuple(t2d.shape)} do not match "
                              f"drafter.draft_vocab_size {self.draft_vocab_size} / target vocab {self.vocab_size}")
@@ -435,6 +251,11 @@ class EagleDrafter(Drafter):
         if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size or not bool(t2d[ids].all()) \
                 or int(t2d.sum()) != d2t.numel():
             raise ValueError("vocab map is inconsistent: d2t must map draft ids into t2d's True entries one-to-one")
+        return d2t, t2d, ids
+
+    def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        """Install the draft vocabulary (specdistill.data.vocab) before training; re-inits the eagle3 head rows."""
+        d2t, t2d, ids = self._checked_vocab_map(d2t, t2d)
         with torch.no_grad():
             self.d2t.copy_(d2t)
             self.t2d.copy_(t2d)
@@ -445,10 +266,18 @@ class EagleDrafter(Drafter):
                 self.lm_head.weight.copy_(self.head_rows().to(self.lm_head.weight.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # An engine export (FORMATS.md 1.1) carries d2t/t2d but not our `vocab_map_ready` flag: a map
+        # that comes with the weights is installed (checked as set_vocab_map checks it).
+        d2t, t2d = state_dict.get(prefix + "d2t"), state_dict.get(prefix + "t2d")
+        map_given = d2t is not None and t2d is not None and prefix + "vocab_map_ready" not in state_dict
+        if map_given:
+            self._checked_vocab_map(d2t, t2d)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # draft_ids is derived from the persistent d2t; keep it in sync after a checkpoint load.
         with torch.no_grad():
             self.draft_ids.copy_(torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t)
+            if map_given:
+                self.vocab_map_ready.fill_(True)
         self._frozen.pop("head_rows", None)
 
     def _check_ready(self):
@@ -480,8 +309,38 @@ class EagleDrafter(Drafter):
             sd["lm_head.weight"] = self.head_rows().detach().clone()
         return sd
 
-    def proposer(self, target=None, **opts) -> EagleProposer:
-        return EagleProposer(self, **opts)
+    def proposer(self, target=None, options: ProposerOptions | None = None, **overrides) -> EagleProposer:
+        """Chain or EAGLE-2 tree proposer: `options` mapped by eagle_proposer.proposer_args (None =
+        EagleProposer's defaults), then EAGLE keyword overrides (mode, k, topk, budget, depth, min_prob, dtype)."""
+        return make_proposer(self, options, **overrides)
+
+    def fit(self, train_data, target, data_key: str = "") -> None:
+        """Build the draft vocabulary from label-token frequencies when draft_vocab_size < the target's
+        vocabulary (cached under data/vocab by `data_key`); nothing to do for the full vocabulary."""
+        vd = self.draft_vocab_size
+        if vd >= target.vocab_size:
+            return
+        from specdistill.data import vocab
+
+        vm = vocab.build(train_data, target.vocab_size, vd, data_key=data_key, tokenizer=target.tokenizer)
+        self.set_vocab_map(vm.d2t, vm.t2d)
+        log.info("draft vocabulary: %d of %d tokens, covering %.1f%% of training labels", vd, target.vocab_size,
+                 100 * vm.coverage)
+
+    def export_info(self) -> dict:
+        """What the EAGLE export writers (export/common.py, sglang, vllm, eagle1) and `specdistill plan` read
+        beyond the tensors; `llama_config` is the draft layers' transformers LlamaConfig."""
+        return {
+            "variant": self.variant,
+            "layer_ids": [int(i) for i in self.layer_ids],
+            "num_target_layers": int(self.num_target_layers),
+            "vocab_size": int(self.vocab_size),
+            "draft_vocab_size": int(self.draft_vocab_size),
+            "llama_config": self.llama_config,
+            "num_layers": int(self.cfg.num_layers),
+            "unroll_steps": int(self.cfg.unroll_steps()),
+            "norm_before_residual": False,
+        }
 
     # -- forward pieces ----------------------------------------------------------------------
 
@@ -497,7 +356,7 @@ class EagleDrafter(Drafter):
         return self._top_norm(f) if self.layer_ids[0] == self.num_target_layers else f
 
     def _top_norm(self, f):
-        return _rms_norm(f, self.target_norm, self.target_norm_eps)
+        return rms_norm(f, self.target_norm, self.target_norm_eps)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed_weight)
@@ -646,240 +505,6 @@ class EagleDrafter(Drafter):
             # The next step reads this step's own output (TTT / HASS alignment), not the target's.
             hidden_in = out
         return LossOutput(total, n0, metrics)
-
-
-# ---------------------------------------------------------------------------------------------
-# Proposer: chain and EAGLE-2 dynamic tree
-
-
-class EagleProposer(Proposer):
-    """Chain or EAGLE-2 dynamic tree (Li et al. 2024, arXiv 2406.16858, Sec. 4) over a drafter KV cache.
-
-    The cache holds the drafter's keys for committed positions (computed from *target* features the
-    verifier hands over); draft positions are appended while drafting and cut off afterwards.
-    Drafting is deterministic (top-1 chain, top-k tree), so `DraftTree.probs` is None: the verifier's
-    rejection rule for one-hot drafts (accept x with prob p(x), else drop x from p) stays lossless.
-
-    mode="chain": k draft tokens. mode="tree": depth d; at each depth the `topk` frontier nodes with
-    the highest cumulative log-prob are expanded into their `topk` best children; finally every
-    generated node is reranked by cumulative log-prob and the best `budget` are kept (EAGLE-2's
-    "expansion" and "reranking" phases). Ancestors always outrank descendants, so the kept set is a tree.
-    """
-
-    def __init__(self, drafter: EagleDrafter, mode: str = "chain", k: int = 5, topk: int = 4,
-                 budget: int = 16, depth: int = 5, dtype: str = "auto", min_prob: float = 0.0):
-        if mode not in ("chain", "tree"):
-            raise ValueError(f"EagleProposer mode ({mode!r}) must be chain or tree")
-        if not 0.0 <= min_prob < 1.0:
-            raise ValueError(f"EagleProposer min_prob ({min_prob}) must be in [0, 1)")
-        # Dynamic draft length: a chain stops at the first token whose draft probability is below
-        # min_prob, a tree keeps only nodes whose cumulative (path) probability reaches it. A weak
-        # drafter then drafts only where it is confident, and an empty draft is a plain decode step.
-        self.min_logp = math.log(min_prob) if min_prob > 0 else -math.inf
-        if k < 1 or topk < 1 or budget < 1 or depth < 1:
-            raise ValueError(f"EagleProposer: k ({k}), topk ({topk}), budget ({budget}), depth ({depth}) must be >= 1")
-        self.drafter = _drafting_copy(drafter, dtype)
-        self.mode, self.k, self.topk, self.budget, self.depth = mode, k, topk, budget, depth
-        self.target_layers = tuple(drafter.layer_ids)
-        self.reset(None)
-
-    def reset(self, prompt_ids=None) -> None:
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (1, kv, P, d)
-        self.committed = 0  # drafter indices in the cache (index t covers (f_t, x_{t+1}))
-        self.last_out: torch.Tensor | None = None  # (H,) drafter output at the last committed index
-
-    def _param(self):
-        return next(self.drafter.parameters())
-
-    def _run(self, hidden, emb, positions, mask):
-        d = self.drafter
-        past = self.kv if self.kv is not None and self.kv[0][0].shape[2] else None
-        out, new = d.layers_forward(hidden, emb, positions[None], past, mask=mask)
-        return out, new
-
-    def _append(self, new):
-        if self.kv is None:
-            self.kv = [(k, v) for k, v in new]
-        else:
-            self.kv = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(self.kv, new)]
-
-    def _crop(self, n):
-        self.kv = [(k[:, :, :n], v[:, :, :n]) for k, v in self.kv]
-
-    def _commit(self, state: ProposerState):
-        """Add the newly accepted positions (target features) to the cache."""
-        d = self.drafter
-        L = int(state.tokens.numel())
-        new = L - 1 - self.committed
-        if new < 0 or (new > 0 and not state.hidden):
-            raise ValueError(f"EagleProposer: expected target hidden states for {new} new positions "
-                             f"(committed {self.committed}, {L} tokens); the verifier must set "
-                             f"target_layers={self.target_layers}")
-        if new == 0:
-            return
-        feats = d.target_features(state.hidden)
-        if feats.dim() == 3:
-            feats = feats[0]
-        if feats.shape[0] != new:
-            raise ValueError(f"EagleProposer: got target hidden states for {feats.shape[0]} positions, expected "
-                             f"{new} (positions {self.committed}..{L - 2}); call reset() per generation")
-        w = self._param()
-        device = w.device
-        feats = feats.to(device=device, dtype=w.dtype)[None]
-        tok = state.tokens[self.committed + 1:L].to(device)[None]
-        emb = d.embed(tok).to(w.dtype)
-        x = d.step_input(feats, emb, 0)
-        pos = torch.arange(self.committed, L - 1, device=device)
-        p0 = self.committed
-        mask = None
-        if p0:
-            mask = torch.ones(new, p0 + new, dtype=torch.bool, device=device)
-            mask[:, p0:] = torch.tril(torch.ones(new, new, dtype=torch.bool, device=device))
-        out, kv = d.layers_forward(x, emb, pos[None], self.kv, mask=mask, causal=mask is None)
-        self._append(kv)
-        self.committed = L - 1
-        self.last_out = out[0, -1]
-
-    def _logp(self, out):
-        return F.log_softmax(self.drafter.draft_logits(out).float(), -1)
-
-    def _to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        return (draft_ids + self.drafter.d2t[draft_ids]).cpu()
-
-    def _embed_drafts(self, draft_ids: torch.Tensor, dtype) -> torch.Tensor:
-        """Embeddings of drafted tokens, which the next draft step reads: the (target-vocabulary)
-        embedding row of each draft id's target token, never the row numbered by the draft id."""
-        d = self.drafter
-        return d.embed(draft_ids + d.d2t[draft_ids]).to(dtype)
-
-    @torch.no_grad()
-    def propose(self, state: ProposerState) -> DraftTree:
-        self._commit(state)
-        if self.last_out is None:
-            return DraftTree.empty()
-        d = self.drafter
-        w = self._param()
-        try:
-            if self.mode == "chain":
-                return self._chain(d, w)
-            return self._tree(d, w)
-        finally:
-            self._crop(self.committed)
-
-    def _chain(self, d, w) -> DraftTree:
-        toks = []
-        out = self.last_out
-        for i in range(self.k):
-            logits = d.draft_logits(out)
-            tid = int(logits.argmax())
-            if self.min_logp > -math.inf and float(F.log_softmax(logits.float(), -1)[tid]) < self.min_logp:
-                break
-            toks.append(tid)
-            if i == self.k - 1:
-                break
-            # Draft index committed+i consumes (own output, drafted token); sequence position = index.
-            emb = self._embed_drafts(torch.tensor([[tid]], device=w.device), w.dtype)
-            x = d.step_input(out[None, None], emb, 1)
-            pos = torch.tensor([self.committed + i], device=w.device)
-            o, kv = self._run(x, emb, pos, None)
-            self._append(kv)
-            out = o[0, -1]
-        if not toks:
-            return DraftTree.empty()
-        return DraftTree.chain(self._to_target(torch.tensor(toks)))
-
-    def _tree(self, d, w) -> DraftTree:
-        dev = w.device
-        k = self.topk
-        # Node store: draft id, parent index, cumulative log-prob, depth, cache slot (-1 = not run).
-        tok: list[int] = []
-        par: list[int] = []
-        score: list[float] = []
-        depth: list[int] = []
-        lp = self._logp(self.last_out)
-        v, i = lp.topk(min(k, lp.numel()))
-        frontier = []
-        for s, t in zip(v.tolist(), i.tolist()):
-            tok.append(t)
-            par.append(-1)
-            score.append(s)
-            depth.append(1)
-            frontier.append(len(tok) - 1)
-        parent_out = {-1: self.last_out}
-        slot: dict[int, int] = {}  # node -> position in the draft part of the cache
-        for dep in range(2, self.depth + 1):
-            # Expand the best `k` nodes of the current depth (EAGLE-2 expansion phase).
-            # A node below min_prob cannot have a descendant above it (path probabilities only fall).
-            frontier = sorted((n for n in frontier if score[n] >= self.min_logp), key=lambda n: -score[n])[:k]
-            if not frontier:
-                break
-            m = len(frontier)
-            base = self.committed + len(slot)
-            # Each expanded node attends to the committed context, its drafted ancestors and itself.
-            anc = torch.zeros(m, len(slot), dtype=torch.bool)
-            for r, node in enumerate(frontier):
-                a = par[node]
-                while a >= 0:
-                    anc[r, slot[a]] = True
-                    a = par[a]
-            mask = torch.cat([torch.ones(m, self.committed, dtype=torch.bool), anc, torch.eye(m, dtype=torch.bool)], 1)
-            hid = torch.stack([parent_out[par[n]] for n in frontier])[None]  # (1, m, H)
-            emb = self._embed_drafts(torch.tensor([[tok[n] for n in frontier]], device=dev), w.dtype)
-            x = d.step_input(hid, emb, 1)
-            pos = torch.tensor([self.committed + depth[n] - 1 for n in frontier], device=dev)
-            o, kv = self._run(x, emb, pos, mask.to(dev))
-            self._append(kv)
-            for r, node in enumerate(frontier):
-                slot[node] = base - self.committed + r
-                parent_out[node] = o[0, r]
-            lps = self._logp(o[0])  # (m, Vd)
-            cv, ci = lps.topk(min(k, lps.shape[-1]), -1)
-            expanded, frontier = frontier, []
-            for r, node in enumerate(expanded):
-                for s, t in zip(cv[r].tolist(), ci[r].tolist()):
-                    tok.append(t)
-                    par.append(node)
-                    score.append(score[node] + s)
-                    depth.append(dep)
-                    frontier.append(len(tok) - 1)
-        # Rerank (EAGLE-2 reranking phase): top `budget` by cumulative log-prob; shallower first on ties
-        # so a parent (score >= child's) is always kept before its children.
-        order = [n for n in sorted(range(len(tok)), key=lambda n: (-score[n], depth[n]))[: self.budget]
-                 if score[n] >= self.min_logp]
-        if not order:
-            return DraftTree.empty()
-        keep = set(order)
-        for n in list(keep):  # guard against float ties: close the set under ancestors
-            a = par[n]
-            while a >= 0 and a not in keep:
-                keep.add(a)
-                a = par[a]
-        nodes = sorted(keep, key=lambda n: (depth[n], -score[n]))
-        new_index = {n: r for r, n in enumerate(nodes)}
-        tokens = self._to_target(torch.tensor([tok[n] for n in nodes], device=dev))
-        parents = torch.tensor([new_index[par[n]] if par[n] >= 0 else -1 for n in nodes], dtype=torch.long)
-        return DraftTree(tokens, parents)
-
-
-def _drafting_copy(drafter: EagleDrafter, dtype: str) -> EagleDrafter:
-    """The module the proposer runs: the drafter itself, or a frozen bf16 copy.
-
-    One draft step reads every weight once for a single token, so it is memory-bound: bf16 halves
-    the bytes, and CPUs with AVX512-BF16 run the (1, H) x (H, Vd) product ~2.5x faster than fp32
-    (measured here). "auto" picks bf16 on such CPUs. A copy does not follow later training steps.
-    """
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"EagleProposer dtype ({dtype!r}) must be auto, float32 or bfloat16")
-    w = next(drafter.parameters())
-    if dtype == "auto":
-        bf16_ok = w.device.type == "cpu" and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
-        dtype = "bfloat16" if bf16_ok or w.dtype == torch.bfloat16 else "float32"
-    want = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    if w.dtype == want:
-        return drafter
-    import copy
-
-    return copy.deepcopy(drafter).to(want).eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,12 +49,10 @@ def cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torc
 
 
 def spec_of(drafter):
-    spec = getattr(drafter, "spec", None)
-    if spec is None:
-        from specdistill import drafters
+    """The drafter's DrafterSpec: the registry entry of its config's family name."""
+    from specdistill import drafters
 
-        spec = drafters.get(drafter.cfg.name)
-    return spec
+    return drafters.get(drafter.cfg.name)
 
 
 def drafter_config_dict(drafter) -> dict:
@@ -63,8 +61,9 @@ def drafter_config_dict(drafter) -> dict:
 
 
 def layer_ids(drafter, target) -> list[int]:
-    """The aux layer ids the drafter reads, in the targets.py convention (explicit, never defaulted)."""
-    ids = getattr(drafter, "layer_ids", None) or getattr(drafter.cfg, "layer_ids", None)
+    """The aux layer ids the drafter reads, in the targets.py convention (explicit, never defaulted):
+    its export_info()'s `layer_ids`, else the ids its spec resolves for this target."""
+    ids = drafter.export_info().get("layer_ids")
     if not ids:
         ids = spec_of(drafter).target_layers(drafter.cfg, target.config)
     return [int(i) for i in ids]
@@ -88,28 +87,27 @@ def rope_scaling(hf_cfg) -> dict | None:
 
 def eagle3_engine_gap(drafter) -> str | None:
     """Why the SGLang/vLLM EAGLE-3 layouts cannot express this drafter, or None if they can."""
-    c = drafter.cfg
-    variant = getattr(c, "variant", "eagle3")
+    variant = drafter.variant
     if variant != "eagle3":
         return f"variant {variant!r} has no EAGLE-3 engine layout (only eagle3, with or without HASS options)"
-    if getattr(c, "num_layers", 1) != 1:
-        return f"drafter.num_layers={c.num_layers}: the engines' EAGLE-3 loaders read exactly one draft layer"
+    num_layers = drafter.export_info().get("num_layers", 1)
+    if num_layers != 1:
+        return f"drafter.num_layers={num_layers}: the engines' EAGLE-3 loaders read exactly one draft layer"
     return None
 
 
 def eagle_dims(drafter, target, tensors: dict[str, torch.Tensor]) -> dict:
-    """Architecture numbers of an EAGLE draft layer: drafter.cfg first, the target's config second.
+    """Architecture numbers of an EAGLE draft layer: the draft layer's own LlamaConfig (export_info()
+    `llama_config`, when the family has one) first, the target's config second.
 
     Shapes are *not* inferred from the tensors here on purpose: the contract check compares these
     numbers against the tensors, so a drafter whose weights disagree with its config is caught.
     """
-    c, t = drafter.cfg, target.config
-    lc = getattr(drafter, "llama_config", None)  # the draft layer's own LlamaConfig, when the family has one
+    info, t = drafter.export_info(), target.config
+    lc = info.get("llama_config")
 
     def pick(name, default=None):
         v = getattr(lc, name, None) if lc is not None else None
-        if v in (None, 0, ""):
-            v = getattr(c, name, None)
         if v in (None, 0, ""):
             v = getattr(t, name, None)
         return default if v is None else v
@@ -117,7 +115,7 @@ def eagle_dims(drafter, target, tensors: dict[str, torch.Tensor]) -> dict:
     hidden = int(pick("hidden_size"))
     heads = int(pick("num_attention_heads"))
     head_dim = pick("head_dim") or hidden // heads
-    draft_vocab = getattr(drafter, "draft_vocab_size", None) or getattr(c, "draft_vocab_size", None) or target.vocab_size
+    draft_vocab = info.get("draft_vocab_size") or target.vocab_size
     return {
         "hidden_size": hidden,
         "intermediate_size": int(pick("intermediate_size")),
@@ -137,7 +135,7 @@ def eagle_dims(drafter, target, tensors: dict[str, torch.Tensor]) -> dict:
         "bos_token_id": getattr(t, "bos_token_id", None),
         "eos_token_id": getattr(t, "eos_token_id", None),
         "pad_token_id": getattr(t, "pad_token_id", None),
-        "norm_before_residual": bool(getattr(c, "norm_before_residual", False)),
+        "norm_before_residual": bool(info.get("norm_before_residual", False)),
         "layer_ids": layer_ids(drafter, target),
     }
 
@@ -160,7 +158,7 @@ def metadata(drafter, target, fmt: str, dtype: str) -> dict:
     return {
         "format": fmt,
         "family": spec.name,
-        "variant": getattr(drafter.cfg, "variant", None),
+        "variant": drafter.variant or None,
         "drafter_config": drafter_config_dict(drafter),
         "target": target_name(target),
         "target_license": getattr(target, "license", "") or None,

@@ -123,13 +123,14 @@ def from_engine_name(name: str) -> str:
 
 def sglang_gap(drafter) -> str | None:
     """Why SGLang's LlamaForCausalLMEagle cannot run this EAGLE-1 drafter exactly, or None."""
-    n = int(drafter.num_target_layers)
-    ids = [int(i) for i in drafter.layer_ids]
+    info = drafter.export_info()
+    n = int(info["num_target_layers"])
+    ids = [int(i) for i in info["layer_ids"]]
     if ids != [n]:
         return (f"drafter.layer_ids={ids}: SGLang's EAGLE-1 drafter (LlamaForCausalLMEagle) reads only the "
                 f"target's final-normed last hidden state, layer id {n} (the default, drafter.layer_ids=[])")
-    if drafter.draft_vocab_size < drafter.vocab_size:
-        return (f"drafter.draft_vocab_size={drafter.draft_vocab_size} < {drafter.vocab_size}: SGLang's "
+    if info["draft_vocab_size"] < info["vocab_size"]:
+        return (f"drafter.draft_vocab_size={info['draft_vocab_size']} < {info['vocab_size']}: SGLang's "
                 "LlamaForCausalLMEagle drafts over the target's full LM head; a reduced vocabulary needs "
                 "--speculative-token-map, a server flag this export cannot carry (train with draft_vocab_size=0)")
     return None
@@ -148,7 +149,7 @@ def build_sglang(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
     tensors = common.cast(sd, common.torch_dtype(dtype))
     d = common.eagle_dims(drafter, target, tensors)
     # SGLang swaps in the target's embedding and head as two modules (never tied: common.llama_config).
-    cfg = common.llama_config(ARCHITECTURE, d, drafter.cfg.num_layers, dtype)
+    cfg = common.llama_config(ARCHITECTURE, d, drafter.export_info()["num_layers"], dtype)
     return cfg, tensors
 
 

@@ -175,13 +175,12 @@ def load_engine_export(path: str | Path, target, device: str | torch.device | No
     dcfg = _config._merge(spec.config_cls(), meta["drafter_config"], "drafter_config.")
     drafter = drafters.build(dcfg, target)
     sd = {eagle1.from_engine_name(k): v for k, v in load_file(str(path / "model.safetensors")).items()}
-    want = drafter.export_state_dict() if hasattr(drafter, "export_state_dict") else drafter.state_dict()
+    want = drafter.export_state_dict()
     own = set(drafter.state_dict())
     missing = sorted(k for k in want if k not in sd and k not in ("d2t", "t2d") and k in own)
     if missing:
         raise ValueError(f"{path / 'model.safetensors'}: tensors missing for the drafter: {missing[:5]}")
-    if "d2t" in sd and hasattr(drafter, "set_vocab_map"):
-        drafter.set_vocab_map(sd["d2t"], sd["t2d"])
+    # A family installs what comes with the tensors (EAGLE: the d2t/t2d draft vocabulary) in load_state_dict.
     drafter.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     if device is not None:
         drafter = drafter.to(device)

@@ -18,7 +18,7 @@ FORMAT = "sglang"
 
 def build(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
     """(config.json dict, tensors) of the SGLang layout; not yet checked."""
-    if getattr(drafter.cfg, "variant", "eagle3") == "eagle1":
+    if drafter.variant == "eagle1":
         return eagle1.build_sglang(drafter, target, dtype)
     gap = common.eagle3_engine_gap(drafter)
     if gap:
@@ -43,7 +43,7 @@ def build(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
 
 def engine_gap(drafter) -> str | None:
     """Why the SGLang layouts cannot express this drafter, or None."""
-    if getattr(drafter.cfg, "variant", "eagle3") == "eagle1":
+    if drafter.variant == "eagle1":
         return eagle1.sglang_gap(drafter)
     return common.eagle3_engine_gap(drafter)
 

@@ -89,7 +89,7 @@ def build(drafter, target, dtype: str = "bfloat16", speculative_tokens: int = 3)
 
 def engine_gap(drafter) -> str | None:
     """Why the vLLM layout cannot express this drafter, or None."""
-    if getattr(drafter.cfg, "variant", "eagle3") == "eagle1":
+    if drafter.variant == "eagle1":
         return eagle1.VLLM_UNCONFIRMED
     return common.eagle3_engine_gap(drafter)
 

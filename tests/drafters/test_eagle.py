@@ -350,11 +350,11 @@ def test_ttt_attention_equals_masked_sdpa(j, monkeypatch):
     import torch.nn.functional as F
     from transformers import LlamaConfig
 
-    from specdistill.drafters import eagle as eagle_mod
-    from specdistill.drafters.eagle import EagleAttention
+    from specdistill.drafters import layers as layers_mod
+    from specdistill.drafters.layers import DraftAttention
 
     lc = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    attn = EagleAttention(lc, 32)
+    attn = DraftAttention(lc, 32)
     g = torch.Generator().manual_seed(j)
     b, t, d = 2, 7, 8
     q, k, v = (torch.randn(b, n, t, d, generator=g, requires_grad=True) for n in (4, 2, 2))
@@ -373,7 +373,7 @@ def test_ttt_attention_equals_masked_sdpa(j, monkeypatch):
     # on CPU the flash-kernel path; then the materialised path that other devices take
     for path in ("flash", "materialised"):
         if path == "materialised":
-            monkeypatch.setattr(eagle_mod._TTTAttention, "apply", eagle_mod._ttt_attention_materialised)
+            monkeypatch.setattr(layers_mod.TTTAttention, "apply", layers_mod.ttt_attention_materialised)
         got = attn._ttt_attention(q, k, v, k0, dk, v0, dv)
         assert torch.allclose(got, ref, atol=1e-5), path
         g_got = torch.autograd.grad((got * w).sum(), leaves)
@@ -386,10 +386,10 @@ def test_ttt_attention_bf16_close_to_fp32():
     gradients included (the merge through the log-sum-exp is accumulated in fp32)."""
     from transformers import LlamaConfig
 
-    from specdistill.drafters.eagle import EagleAttention
+    from specdistill.drafters.layers import DraftAttention
 
     lc = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    attn = EagleAttention(lc, 64)
+    attn = DraftAttention(lc, 64)
     g = torch.Generator().manual_seed(0)
     b, t, d = 2, 33, 16
     q, k, v = (torch.randn(b, n, t, d, generator=g) for n in (4, 2, 2))
