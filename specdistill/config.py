@@ -101,7 +101,7 @@ class TrainConfig:
     save_every: int = 100
     """Write a checkpoint every this many steps (0 = only at the end)."""
     keep_last: int = 2
-    """How many step_<n> checkpoints to keep."""
+    """How many step_<n> checkpoints to keep (0 = all); keep 2 or more so a damaged one has a fall-back."""
     log_every: int = 10
     """Log metrics every this many steps."""
     seed: int = 0
@@ -122,6 +122,8 @@ class TrainConfig:
     """DataLoader worker processes."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    threads: int = 0
+    """torch CPU threads while training (0 = torch's default); 1 is much faster when other jobs share the cores."""
 
     def __post_init__(self):
         if self.max_steps > 0 and self.warmup_steps >= self.max_steps:
@@ -130,8 +132,21 @@ class TrainConfig:
             raise ConfigError(f"train.mixed_precision ({self.mixed_precision!r}) must be auto, no, bf16 or fp16")
         if self.features not in ("online", "offline"):
             raise ConfigError(f"train.features ({self.features!r}) must be online or offline")
-        if self.micro_batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+        ints = {"max_steps": 1, "micro_batch_size": 1, "grad_accum": 1, "log_every": 1, "save_every": 0,
+                "keep_last": 0, "eval_every": 0, "eval_batches": 0, "warmup_steps": 0, "num_workers": 0,
+                "threads": 0}
+        for key, least in ints.items():
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ConfigError(f"train.{key} ({v!r}) must be an integer >= {least}")
+        for key in ("lr", "weight_decay", "grad_clip", "max_minutes"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
+                raise ConfigError(f"train.{key} ({v!r}) must be a finite number >= 0")
+        if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
+            raise ConfigError(f"train.min_lr_ratio ({self.min_lr_ratio!r}) must be between 0 and 1")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas ({self.betas!r}) must be two numbers in [0, 1)")
 
 
 @dataclass
