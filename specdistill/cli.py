@@ -39,9 +39,32 @@ def _recipe_path(name: str) -> Path:
 def cmd_train(args) -> None:
     """`specdistill train eagle key=value ...` == `python recipes/eagle.py key=value ...` (one process).
     For several processes use `accelerate launch recipes/<name>.py` or ./launch.sh."""
+    from specdistill.locks import LockHeldError
+
     path = _recipe_path(args.recipe)
-    sys.argv = [str(path), *args.overrides]
-    runpy.run_path(str(path), run_name="__main__")
+    overrides, rest = [], list(args.overrides)
+    while rest:  # --threads may come among the overrides (they are taken as the remainder of the line)
+        tok = rest.pop(0)
+        if tok == "--threads" or tok.startswith("--threads="):
+            val = tok.partition("=")[2] or (rest.pop(0) if rest else "")
+            if not val.isdigit():
+                raise config.ConfigError(f"--threads ({val!r}) must be an integer >= 0")
+            args.threads = int(val)
+        else:
+            overrides.append(tok)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # from the start: target load and data preparation too
+        overrides.append(f"train.threads={args.threads}")
+    sys.argv = [str(path), *overrides]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except LockHeldError as e:  # another run holds train.output_dir (checkpoint errors are ValueErrors)
+        if args.verbose:
+            raise
+        print(f"specdistill train: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cmd_cp(args) -> None:
@@ -81,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run a recipe in this process (accelerate launch for several)")
     p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value config overrides")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default; same as train.threads); 1 is much faster when "
+                        "other jobs share the cores")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cp", help="copy a recipe and its YAML to edit them")
