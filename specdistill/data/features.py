@@ -147,9 +147,26 @@ def build_cache(target, splits: dict, layers, out_dir: str | Path, *, data_key: 
     """Fill `out_dir` with the features of every split (`{"train": ds, "val": ds}`); resumable.
 
     Returns the manifest. `stop_after_shards` > 0 stops after writing that many new shards
-    (an interruption on purpose: tests and time-boxed runs).
+    (an interruption on purpose: tests and time-boxed runs). One build at a time per cache: a second
+    build of the same folder waits for the first (flock on `<out_dir>/.lock`), then reuses its shards.
     """
+    from specdistill.locks import DirLock
+
     out_dir = Path(out_dir)
+    lock = DirLock(out_dir, "feature build")
+    lock.acquire(wait=True, on_wait=lambda pid: print(
+        f"[features] {out_dir}: pid {pid} is building this cache; waiting for it, then reusing its shards",
+        file=sys.stderr, flush=True))
+    try:
+        return _build_cache_locked(target, splits, layers, out_dir, data_key=data_key,
+                                   shard_samples=shard_samples, batch_size=batch_size,
+                                   stop_after_shards=stop_after_shards, progress=progress)
+    finally:
+        lock.release()
+
+
+def _build_cache_locked(target, splits: dict, layers, out_dir: Path, *, data_key: str,
+                        shard_samples: int, batch_size: int, stop_after_shards: int, progress: bool) -> dict:
     layers = target.check_layers(layers)
     n = target.num_layers
     aux_layers = [i for i in layers if i < n]
