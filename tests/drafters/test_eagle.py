@@ -461,3 +461,56 @@ def test_confidence_threshold_shortens_drafts_and_stays_lossless(target, batch, 
         assert res.tokens == ref.tokens
     with pytest.raises(ValueError, match="min_prob"):
         d.proposer(target, min_prob=1.0, **kw)
+
+
+def test_proposer_maps_the_verifier_options_and_keeps_eagle_overrides(target, batch):
+    """Drafter protocol: proposer(target, ProposerOptions) maps a chain to k, a tree (3, 2) to depth 2,
+    topk 3 and budget 3 + 3*2 = 9, the confidence threshold to min_prob; keyword overrides win."""
+    import math
+
+    from specdistill.verify.proposer import ProposerOptions
+
+    d = _build(target, batch, variant="eagle3")
+    p = d.proposer(target, ProposerOptions(num_draft_tokens=3))
+    assert (p.mode, p.k, p.min_logp) == ("chain", 3, -math.inf)
+    p = d.proposer(target, ProposerOptions(tree=(3, 2), confidence_threshold=0.25))
+    assert (p.mode, p.depth, p.topk, p.budget) == ("tree", 2, 3, 9) and p.min_logp == math.log(0.25)
+    p = d.proposer(target, ProposerOptions(tree=(3, 2)), budget=4, dtype="float32")
+    assert (p.mode, p.budget, p.depth) == ("tree", 4, 2)
+    p = d.proposer(target)  # no options: EagleProposer's own defaults
+    assert (p.mode, p.k) == ("chain", 5)
+
+
+def test_fit_builds_the_draft_vocabulary_from_label_frequencies(target, batch):
+    """Drafter protocol: fit() installs the top-Vd label tokens as the draft vocabulary (so the loss
+    runs), and leaves a full-vocabulary drafter untouched."""
+    d = EagleDrafter(EagleConfig(layer_ids=LAYERS3, draft_vocab_size=32), target)
+    assert not bool(d.vocab_map_ready)
+    d.fit(_samples(batch), target)  # no data_key: nothing is cached on disk
+    want_d2t, want_t2d = vocab_map_from_counts(count_tokens(_samples(batch), target.vocab_size), 32)
+    assert bool(d.vocab_map_ready) and torch.equal(d.d2t, want_d2t) and torch.equal(d.t2d, want_t2d)
+    assert torch.isfinite(d.loss(batch, _target_out(target, d, batch)).loss)
+    full = EagleDrafter(EagleConfig(layer_ids=LAYERS3), target)
+    before = {k: v.clone() for k, v in full.state_dict().items()}
+    full.fit(_samples(batch), target)
+    assert all(torch.equal(before[k], v) for k, v in full.state_dict().items())
+
+
+def test_export_info_and_engine_map_load(target, batch):
+    """export_info() carries what the EAGLE writers read; an engine-export state dict (d2t/t2d, no
+    readiness flag) installs the map through load_state_dict, and an inconsistent one is refused."""
+    d = _build(target, batch, variant="eagle3", draft_vocab_size=48)
+    info = d.export_info()
+    assert info["variant"] == "eagle3" and info["layer_ids"] == LAYERS3 and info["draft_vocab_size"] == 48
+    assert info["num_target_layers"] == 4 and info["vocab_size"] == 128 and info["num_layers"] == 1
+    assert info["unroll_steps"] == 3 and info["llama_config"].hidden_size == target.hidden_size
+    assert _build(target, batch, variant="eagle1").export_info()["variant"] == "eagle1"
+    sd = d.export_state_dict()
+    assert "vocab_map_ready" not in sd
+    fresh = EagleDrafter(d.cfg, target)
+    assert not bool(fresh.vocab_map_ready)
+    fresh.load_state_dict(sd, strict=False)
+    assert bool(fresh.vocab_map_ready) and torch.equal(fresh.draft_ids, d.draft_ids)
+    bad = dict(sd, d2t=torch.zeros_like(sd["d2t"]))  # every draft id -> target id i: disagrees with t2d
+    with pytest.raises(ValueError, match="vocab map is inconsistent"):
+        EagleDrafter(d.cfg, target).load_state_dict(bad, strict=False)
