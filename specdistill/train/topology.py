@@ -15,6 +15,11 @@ or DeepSpeed / FSDP requested by the launcher but not active in the process.
 The Trainer calls `check_topology(accelerator, train_cfg)` after building the Accelerator and
 before `prepare`. `accelerator_kwargs()` gives the extra Accelerator arguments a topology needs
 (DeepSpeed on a machine without GPUs needs the gloo backend named explicitly).
+
+Mixed precision is decided here too, once: `resolve_precision(train.mixed_precision)` gives the
+Accelerator's setting (auto = bf16 on bf16 GPUs and on CPUs with native bf16, else no), and
+`precision_plan(accelerator)` the dtypes of weights, autocast and target features under the
+topology that runs (table at `PrecisionPlan`); the Trainer casts the target features by it.
 """
 
 from __future__ import annotations
