@@ -177,6 +177,31 @@ def test_mixed_records_keep_every_valid_and_count_every_bad(tmp_path, seed):
         assert got == (_merge_cut(want_skips) if array else want_skips), (name, counter.examples)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_record_boundaries_across_read_chunks(tmp_path, monkeypatch, seed):
+    """The same, read 7 bytes at a time: tokens, UTF-8 sequences and the BOM split across reads."""
+    from specdistill.data import sources
+
+    monkeypatch.setattr(sources, "_CHUNK", 7)
+    recs = generate(100 + seed, 30, bad_fraction=0.35)
+    for name, data, array in [("m.jsonl", as_jsonl(recs), False), ("i.json", as_array(recs, True), True)]:
+        p = tmp_path / name
+        p.write_bytes(BOM + data)
+        ids, counter = read(p)
+        want_ids, want_skips = expected(recs, array)
+        assert ids == want_ids, (name, counter.examples)
+        assert _merge_cut(counter.skipped) == _merge_cut(want_skips), (name, counter.examples)
+
+
+def test_deep_chain_in_a_broken_stretch_is_skipped_quickly(tmp_path):
+    recs = generate(9, 4, bad_fraction=0.0)
+    chain = b'{"id": "x", "conversations": [' + b'{"a": ' * 5_000 + b"1"
+    p = tmp_path / "chain.json"
+    p.write_bytes(b"[" + recs[0][0] + b", " + chain + b", " + b", ".join(r[0] for r in recs[1:]) + b"]")
+    ids, counter = read(p)
+    assert ids == ["v0", "v1", "v2", "v3"] and counter.total_skipped == 1, counter.examples
+
+
 def test_clean_fuzzed_jsonl_of_190_records_counts_each_bad_by_reason(tmp_path):
     recs = generate(1234, 190)
     p = tmp_path / "f.jsonl"

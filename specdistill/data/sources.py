@@ -276,9 +276,9 @@ class _ArrayReader:
     for the extent of each top-level element, which is then parsed alone with `json.loads`. When an
     element is broken (bad JSON, unbalanced brackets, an unterminated string, a missing comma), the
     reader looks forward from that element's start for the first object that parses alone and
-    looks like a record (has a conversation key, or is no message/content part) and resumes there;
-    the skipped stretch counts as one skip. A valid record always has a conversation key, so no
-    valid record is lost to a resynchronisation.
+    looks like a record (has a conversation or id key, or is no message/content part) and resumes
+    there; the skipped stretch counts one skip per record opening in it (at least one). A valid
+    record always has a conversation key, so no valid record is lost to a resynchronisation.
     """
 
     def __init__(self, f, path: Path, counter: SkipCounter):
@@ -322,9 +322,9 @@ class _ArrayReader:
 
     # -- scanning
 
-    def _scan(self, start: int) -> tuple[str, int, str]:
+    def _scan(self, start: int, stop_deep: bool = False) -> tuple[str, int, str]:
         """Extent of the JSON value at `start`: ('ok', end, '') or ('deep', end, '') when it nests
-        deeper than MAX_DEPTH, else ('error' | 'eof' | 'big', position, why)."""
+        deeper than MAX_DEPTH (with `stop_deep`, at once), else ('error' | 'eof' | 'big', position, why)."""
         c = self.buf[start]
         if c not in "{[\"":
             while True:
@@ -342,7 +342,7 @@ class _ArrayReader:
             if m is None or (m.group() == '"' and self.buf.find("\n", m.start()) < 0):
                 # nothing complete left in the buffer: read on
                 if len(self.buf) - start > MAX_RECORD_CHARS:
-                    return "big", start, f"element longer than {MAX_RECORD_CHARS} characters"
+                    return "big", start, f"no end of the record within {MAX_RECORD_CHARS} characters"
                 if not self._fill():
                     return "eof", start, "file ends mid-record"
                 continue
@@ -357,7 +357,10 @@ class _ArrayReader:
                 if stack and (prev != ":" if stack[-1] == "{" else prev not in ("[", ",")):
                     return "error", j, f"{t!r} where {'a key' if stack[-1] == '{' else 'a comma'} was expected"
                 stack.append(t)
-                deep = deep or len(stack) > MAX_DEPTH
+                if len(stack) > MAX_DEPTH:
+                    if stop_deep:
+                        return "deep", j, ""
+                    deep = True
             elif t in "}]":
                 if stack[-1] != _CLOSER[t]:
                     return "error", j, f"{t!r} does not close {stack[-1]!r}"
@@ -398,9 +401,12 @@ class _ArrayReader:
                 self._fill()  # let the check below see the first key
                 continue
             if _OBJECT_START.match(self.buf, j):
-                kind, end, _ = self._scan(j)
-                if kind == "deep":  # an object too deep to parse alone; counted as bad_shape next
-                    break
+                kind, end, _ = self._scan(j, stop_deep=True)
+                if kind == "deep":
+                    if _RECORD_OPENING.match(self.buf, j):  # a record too deep to parse: bad_shape next
+                        break
+                    i = j + 1
+                    continue
                 if kind == "ok":
                     try:
                         v = json.loads(self.buf[j:end])
