@@ -187,6 +187,15 @@ def agree(accelerator, value):
     return broadcast_object_list([value])[0]
 
 
+def first_error(accelerator, err: str | None) -> str | None:
+    """The first rank's error (None when no rank has one), on every rank."""
+    if accelerator.num_processes == 1:
+        return err
+    from accelerate.utils import gather_object
+
+    return next((e for e in gather_object([err]) if e is not None), None)
+
+
 def choose(accelerator, out_dir: str | Path) -> Path | None:
     """The checkpoint to resume from (same on every rank; the main process verifies), or None when the
     folder holds none. A checkpoint that fails verification is reported and the next older one is
@@ -310,18 +319,26 @@ def save(accelerator, out_dir: Path, step: int, drafter_state: dict, optimizer, 
             err = str(failed(e))
     if (err := agree(accelerator, err)) is not None:
         raise CheckpointWriteError(err)
-    if deepspeed_models is not None:
-        # ZeRO partitions optimizer state across ranks: the engine must write it (every rank takes part).
-        accelerator.save_state(str(tmp / "deepspeed"))
-    rng = torch.get_rng_state()
-    # Each rank writes its own torch RNG; files are tiny.
-    torch.save({"cpu": rng, "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               tmp / f"rng_rank{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()  # every rank's files are in tmp before the main process checksums them
+    try:
+        if deepspeed_models is not None:
+            # ZeRO partitions optimizer state across ranks: the engine must write it (every rank takes part).
+            current = tmp / "deepspeed"
+            accelerator.save_state(str(current))
+        rng = torch.get_rng_state()
+        # Each rank writes its own torch RNG; files are tiny.
+        current = tmp / f"rng_rank{accelerator.process_index}.pt"
+        torch.save({"cpu": rng, "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   current)
+    except Exception as e:
+        err = str(failed(e))
+    # (also the barrier: every rank's files are in tmp before the main process checksums them)
+    if (err := first_error(accelerator, err)) is not None:
+        raise CheckpointWriteError(err)
     if accelerator.is_main_process:
         try:
             current = tmp / "drafter.safetensors"
             save_file({k: v.detach().contiguous().cpu() for k, v in drafter_state.items()}, current)
+            os.chmod(current, fsutil.umask_mode())  # safetensors writes 0600; the mode open() would give
             if deepspeed_models is None:
                 current = tmp / "optimizer.pt"
                 torch.save(optimizer.state_dict(), current)
