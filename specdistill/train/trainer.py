@@ -19,9 +19,9 @@ import yaml
 from torch.utils.data import DataLoader
 
 from specdistill import config as config_mod
-from specdistill.train import checkpoint
+from specdistill.train import checkpoint, rollout
 from specdistill.train import logging as tlog
-from specdistill.train.schedule import lr_factor
+from specdistill.train.schedule import lr_factor, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +40,22 @@ def _budget_total(step: int, steps_this_run: int, max_steps: int, elapsed_s: flo
 
 
 class _LossModule(torch.nn.Module):
-    """Routes the drafter's loss through `forward`, so DDP/DeepSpeed wrappers and autocast apply."""
+    """Routes the drafter's loss through `forward`, so DDP/DeepSpeed wrappers and autocast apply.
 
-    def __init__(self, drafter):
+    A trainable target (spec.trains_target) is a submodule too, so its adapters are prepared, synced
+    and clipped with the drafter, and its forward runs here, with grad, when no `target_out` is given."""
+
+    def __init__(self, drafter, target=None, target_fn=None):
         super().__init__()
         self.drafter = drafter
+        self.target = target
+        self._target_fn = [target_fn]  # a list: a bound method of the Trainer is not a submodule
 
-    def forward(self, batch, target_out):
+    def forward(self, batch, target_out=None):
+        if target_out is None and self.target is not None:
+            target_out = self._target_fn[0](batch)
         out = self.drafter.loss(batch, target_out)
         return out.loss, torch.as_tensor(out.num_tokens, dtype=torch.float32), out.metrics
-
-
-def default_token_count(batch) -> torch.Tensor:
-    """Loss tokens of a micro-batch: assistant tokens that have a previous position to predict them."""
-    return batch["loss_mask"][:, 1:].sum()
 
 
 class Trainer:
@@ -78,10 +80,21 @@ class Trainer:
         set_seed(self.tc.seed)
         self.out_dir = Path(self.tc.output_dir)
         self.target = target
-        if target is not None and not getattr(cfg.target, "device_map", ""):
-            self.target.to(acc.device)
         self.drafter = drafter
-        self.layers = drafter.spec.target_layers(drafter.cfg, target.config) if target is not None else []
+        # What this family needs of the target and the loop (drafters/base.py DrafterSpec.needs).
+        self.needs = drafter.spec.needs(drafter.cfg, target.config if target is not None else None)
+        self.layers = list(self.needs.layers)
+        adapters = []
+        if self.needs.trains_target:
+            if target is None or target_fn is not None:
+                raise ValueError(f"drafter {drafter.spec.name!r} trains the target: it needs the online target "
+                                 "(train.features=online), not precomputed features")
+            if not getattr(target, "has_adapters", False):
+                adapters = target.attach_lora(drafter.lora_config())
+            else:  # adapters already attached (a resumed or warm-started target)
+                adapters = [p for n, p in target.model.named_parameters() if "lora_" in n]
+        if target is not None and not cfg.target.device_map:
+            self.target.to(acc.device)
         self.train_ds, self.val_ds = train_ds, val_ds
         if collate_fn is None:
             from specdistill.data.collate import collate
@@ -92,21 +105,18 @@ class Trainer:
         # The plan (topology.py) says which dtype the target features handed to the drafter have.
         self.precision = topology.precision_plan(acc)
         self.target_fn = self.precision.wrap_target_fn(target_fn or self._online_target)
-        self.count_tokens = getattr(drafter, "num_loss_tokens", default_token_count)
-        params = [p for p in drafter.trainable_parameters()] if hasattr(drafter, "trainable_parameters") \
-            else [p for p in drafter.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.tc.lr, betas=tuple(self.tc.betas),
-        )
+        self.count_tokens = drafter.num_loss_tokens
+        groups = param_groups(list(drafter.trainable_parameters()) + adapters, self.tc.weight_decay)
+        for g in groups:
+            g["lr"] = self.tc.lr * g["lr_scale"]
+        opt = torch.optim.AdamW(groups, lr=self.tc.lr, betas=tuple(self.tc.betas))
         # The scheduler is stepped by us once per optimizer step, so warmup_steps means optimizer
         # steps whatever the number of processes (accelerate's prepared scheduler would step N times).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, self.tc.warmup_steps, self.tc.max_steps, self.tc.min_lr_ratio)
         )
-        self.model, self.optimizer = acc.prepare(_LossModule(drafter), opt)
+        self.model, self.optimizer = acc.prepare(
+            _LossModule(drafter, target if self.needs.trains_target else None, self.target_fn), opt)
         self.is_deepspeed = acc.distributed_type.name == "DEEPSPEED"
         self.step = 0
         self.epoch = 0
@@ -116,7 +126,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ target features
     def _online_target(self, batch):
-        return self.target(batch["input_ids"], batch.get("attention_mask"), layers=self.layers, return_logits=False)
+        if self.needs.output == "none":
+            return None
+        return self.target(batch["input_ids"], batch.get("attention_mask"), layers=self.layers,
+                           return_logits=self.needs.output == "logits", grad=self.needs.trains_target)
+
+    def _frozen_target_out(self, batch):
+        """The target forward outside the wrapper (no grad, no autocast) for a frozen target; a trainable
+        target runs inside `_LossModule.forward` instead (None here)."""
+        return None if self.needs.trains_target else self.target_fn(batch)
+
+    def _rollout(self, batch):
+        """On-policy data (spec.rollout): the unwrapped drafter continues the micro-batch under no_grad,
+        each row seeded by (train.seed, epoch, sample index), so a sample's continuation does not depend
+        on how the global batch is split over accumulation steps and ranks."""
+        drafter = self.accelerator.unwrap_model(self.model).drafter
+        was_training = drafter.training
+        drafter.eval()
+        try:
+            with torch.no_grad():
+                return self._to_device(drafter.rollout(batch, self.target, batch["rollout_seed"]))
+        finally:
+            drafter.train(was_training)
 
     def _to_device(self, batch):
         return {k: (v.to(self.accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -125,7 +156,10 @@ class Trainer:
     def _loader(self, ds, epoch: int, shuffle: bool):
         g = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + epoch)
         order = torch.randperm(len(ds), generator=g).tolist() if shuffle else list(range(len(ds)))
-        dl = DataLoader(ds, batch_size=self.tc.micro_batch_size, sampler=order, collate_fn=self.collate_fn,
+        collate = self.collate_fn
+        if self.needs.rollout:  # rows carry their sample index, the seed of their rollout
+            ds, collate = rollout.Indexed(ds), rollout.SeededCollate(collate, self.tc.seed * 1_000_003 + epoch)
+        dl = DataLoader(ds, batch_size=self.tc.micro_batch_size, sampler=order, collate_fn=collate,
                         num_workers=self.tc.num_workers, drop_last=shuffle)
         return self.accelerator.prepare_data_loader(dl, device_placement=False)
 
@@ -243,7 +277,7 @@ class Trainer:
                 if i >= self.tc.eval_batches:
                     break
                 b = self._to_device(b)
-                loss, n, metrics = self.model(b, self.target_fn(b))
+                loss, n, metrics = self.model(b, self._frozen_target_out(b))
                 tot["loss"] = tot["loss"] + loss.detach().float()
                 for k, v in metrics.items():
                     tot[k] = tot.get(k, 0) + torch.as_tensor(v, dtype=torch.float32, device=ntok.device)
@@ -273,6 +307,8 @@ class Trainer:
         while self.step < tc.max_steps:
             t0 = time.time()
             micro = [self._to_device(next(batches)) for _ in range(tc.grad_accum)]
+            if self.needs.rollout:  # sample first, then count: the loss runs over the rolled-out tokens
+                micro = [self._rollout(b) for b in micro]
             local = torch.stack([torch.as_tensor(self.count_tokens(b), dtype=torch.float32) for b in micro]).sum()
             global_tokens = self._reduce(local).clamp_min(1.0)
             # accelerator.backward divides by grad_accum and DDP averages over ranks, so scale the
@@ -282,7 +318,7 @@ class Trainer:
             gnorm = None
             for b in micro:
                 with acc.accumulate(self.model):
-                    tout = self.target_fn(b)
+                    tout = self._frozen_target_out(b)
                     loss, _, metrics = self.model(b, tout)
                     acc.backward(loss * scale)
                     sums["loss"] = sums.get("loss", 0) + loss.detach().float()
