@@ -278,7 +278,7 @@ class TargetModel(torch.nn.Module):
         mine = self.adapter_state_dict()
         if set(sd) != set(mine):
             missing, extra = sorted(set(mine) - set(sd))[:3], sorted(set(sd) - set(mine))[:3]
-            raise ValueError(f"{where or 'adapter state'}: adapter tensors do not match the target's "
+            raise RuntimeError(f"{where or 'adapter state'}: adapter tensors do not match the target's "
                              f"(missing {missing}, unexpected {extra})")
         with torch.no_grad():
             for k, v in mine.items():

@@ -116,3 +116,51 @@ def test_rollout_family_two_processes_match_one(tmp_path):
 
     assert len(losses(tmp_path / "one")) == 3
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+
+
+def _fresh_target():
+    from conftest import make_llama, make_tokenizer
+
+    from specdistill.targets import TargetModel
+
+    return TargetModel(make_llama(), make_tokenizer(), name="tiny-llama")
+
+
+def test_trainable_target_changes_only_adapters_and_head(tmp_path):
+    target = _fresh_target()
+    before = {k: v.clone() for k, v in target.model.state_dict().items()}
+    cfg = toy_families.ToyLoraConfig()
+    torch.manual_seed(0)
+    head0 = toy_families.ToyLoraDrafter(cfg, target.hidden_size, target.vocab_size).head.weight.clone()
+    tr, d, s = fit(tmp_path, target, "lora", drafter_cfg=cfg, max_steps=4)
+    assert tr.needs.trains_target and s["losses"][-1] < s["losses"][0]
+    after = target.model.state_dict()
+    adapters = [k for k in after if "lora_" in k]
+    assert adapters and all(".q_proj." in k or ".v_proj." in k for k in adapters)
+    assert any(after[k].abs().sum() > 0 for k in adapters if "lora_B" in k)  # B starts at zero: it trained
+    for k, v in after.items():
+        if "lora_" not in k:
+            assert torch.equal(v, before[k.replace(".base_layer.", ".")]), f"base weight {k} changed"
+    assert not torch.equal(d.head.weight, head0)
+    lrs = sorted({g["lr"] / tr.scheduler.get_last_lr()[0] * tr.tc.lr for g in tr.optimizer.param_groups})
+    assert {round(g["lr_scale"], 3) for g in tr.optimizer.param_groups} == {1.0, 4.0}, lrs
+
+
+def test_trainable_target_resumes_exactly(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    cfg = toy_families.ToyLoraConfig()
+    _, _, full = fit(tmp_path, _fresh_target(), "full", drafter_cfg=cfg, max_steps=6, save_every=3, keep_last=5)
+    sd = load_file(tmp_path / "full" / "step_3" / "drafter.safetensors")
+    assert any(k.startswith("target_adapter.") and "lora_A" in k for k in sd)  # adapters are in the checkpoint
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    shutil.copytree(tmp_path / "full" / "step_3", crashed / "step_3")
+    (crashed / "latest").write_text("step_3")
+    shutil.copy(tmp_path / "full" / "config.yaml", crashed / "config.yaml")
+    _, _, resumed = fit(tmp_path, _fresh_target(), "crashed", drafter_cfg=cfg, max_steps=6, save_every=3,
+                        keep_last=5)
+    assert len(resumed["losses"]) == 3
+    assert resumed["losses"] == pytest.approx(full["losses"][3:], rel=1e-6, abs=1e-7)

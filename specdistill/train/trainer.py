@@ -22,6 +22,7 @@ from specdistill import config as config_mod
 from specdistill.train import checkpoint, rollout
 from specdistill.train import logging as tlog
 from specdistill.train.schedule import lr_factor, param_groups
+from specdistill.train.weights import ADAPTER_PREFIX, WithAdapters
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +198,16 @@ class Trainer:
                                deepspeed_models=self.model if self.is_deepspeed else None)
 
     def _drafter_state(self, full=None) -> dict:
-        if full is not None:  # DeepSpeed gathered state of the _LossModule wrapper
-            return {k.removeprefix("drafter."): v for k, v in full.items()}
-        return self.accelerator.unwrap_model(self.model).drafter.state_dict()
+        if full is not None:  # DeepSpeed gathered state of the _LossModule wrapper (a trained target: adapters only)
+            return {(k.removeprefix("drafter.") if k.startswith("drafter.")
+                     else ADAPTER_PREFIX + k.removeprefix("target.model.")): v
+                    for k, v in full.items() if k.startswith("drafter.") or "lora_" in k}
+        return self._weights().state_dict()
+
+    def _weights(self):
+        """What a checkpoint holds: the drafter, plus the target's adapters when the family trains them."""
+        drafter = self.accelerator.unwrap_model(self.model).drafter
+        return WithAdapters(drafter, self.target) if self.needs.trains_target else drafter
 
     def _maybe_resume(self):
         """Resume from the newest checkpoint that verifies (checkpoint.choose: a damaged one is reported
@@ -217,8 +225,7 @@ class Trainer:
             if not self.is_deepspeed and not (ckpt / "optimizer.pt").exists():
                 raise checkpoint.CheckpointError(
                     f"{ckpt}: written under DeepSpeed; resume it under DeepSpeed (./launch.sh ... --zero N)")
-            drafter = acc.unwrap_model(self.model).drafter
-            st = checkpoint.load(acc, ckpt, drafter, self.optimizer,
+            st = checkpoint.load(acc, ckpt, self._weights(), self.optimizer,
                                  deepspeed_models=self.model if self.is_deepspeed else None)
             try:
                 self.step, self.epoch, self.tokens_seen = st["step"], st["epoch"], st["tokens_seen"]
