@@ -157,7 +157,7 @@ def train(name: str, recipe: str, overrides: list[str], run_dir: Path, reuse: bo
 
 def score(drafter: str, args, out_dir: Path, tree: bool) -> dict:
     """`specdistill eval` on the subset, argv built with its own parser (as pipeline.score does)."""
-    from specdistill.verify import evaluate
+    from specdistill import scoring
 
     argv = ["--target", args.target, "--drafter", drafter, "--limit-per-category", str(args.per_category),
             "--max-new-tokens", str(args.max_new_tokens), "--num-draft-tokens", str(args.chain_k),
@@ -175,9 +175,9 @@ def score(drafter: str, args, out_dir: Path, tree: bool) -> dict:
         print(f"[bench] reusing {out_dir / 'eval.json'} (same eval arguments)", file=sys.stderr)
         return figures(json.loads((out_dir / "eval.json").read_text()))
     ap = argparse.ArgumentParser(prog="specdistill eval")
-    evaluate.add_arguments(ap)
+    scoring.add_arguments(ap)
     print(f"[bench] specdistill eval {shlex.join(argv)}", file=sys.stderr)
-    res = figures(evaluate.main(ap.parse_args(argv)))
+    res = figures(scoring.main(ap.parse_args(argv)))
     stamp.write_text(json.dumps(argv))
     return res
 

@@ -21,7 +21,7 @@ RECIPES_DIR = config.RECIPE_CONFIG_DIR.parent  # recipes/ of a checkout, or the 
 # (module, what it adds); each exposes register(subparsers)
 SUBCOMMAND_MODULES = [
     "specdistill.data.cli",  # data stats | features | regenerate
-    "specdistill.verify.evaluate",  # eval
+    "specdistill.scoring",  # eval
     "specdistill.export.cli",  # export
     "specdistill.export.hub",  # publish
     "specdistill.plan",  # plan

@@ -157,6 +157,13 @@ class ExportConfig:
     """Export root; empty = <train.output_dir>/export (one folder per format)."""
     dtype: str = "bfloat16"
     """dtype of exported weights."""
+    target_adapters: str = "separate"
+    """A family that trains the target (Medusa-2): separate (LoRA beside the drafter in the native export) or
+    merged (also write <export>/merged_target/, the target with the adapters folded in)."""
+
+    def __post_init__(self):
+        if self.target_adapters not in ("separate", "merged"):
+            raise ConfigError(f"export.target_adapters ({self.target_adapters!r}) must be separate or merged")
 
 
 @dataclass

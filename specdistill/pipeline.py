@@ -38,34 +38,21 @@ def training_data(cfg, target, drafter) -> TrainingData:
 
     resuming = cfg.train.resume and checkpoint.latest(cfg.train.output_dir) is not None
     if cfg.train.init_from and not resuming:
-        from specdistill import export
+        from specdistill import loading
 
-        export.init_weights(drafter, cfg.train.init_from, target)  # its draft vocabulary comes along
+        loading.init_weights(drafter, cfg.train.init_from, target)  # data-derived state comes along
     elif not cfg.train.init_from:
-        fit_vocab(drafter, train, summary, target)
+        # Data-derived state (EAGLE: the draft vocabulary); a resumed run gets it back with its weights.
+        drafter.fit(train, target, data_key=Path(summary["prepared_dir"]).name)
     if cfg.train.features == "offline":
         from specdistill.data import features
 
-        layers = drafter.spec.target_layers(drafter.cfg, target.config)
+        layers = list(drafter.spec.needs(drafter.cfg, target.config).layers)
         ftrain = features.open_for(cfg.data, target, layers, "train")
         fval = features.open_for(cfg.data, target, layers, "val")
         return TrainingData(ftrain, fval, features.make_collate(ftrain), features.offline_target_fn(ftrain, target),
                             summary)
     return TrainingData(train, val, data.make_collate(target.tokenizer.pad_token_id), None, summary)
-
-
-def fit_vocab(drafter, train_ds, summary: dict, target) -> None:
-    """Install d2t/t2d from label-token frequencies when the drafter uses a reduced vocabulary."""
-    vd = getattr(drafter, "draft_vocab_size", None)
-    if vd is None or not hasattr(drafter, "set_vocab_map") or vd >= target.vocab_size:
-        return
-    from specdistill.data import vocab
-
-    vm = vocab.build(train_ds, target.vocab_size, vd, data_key=Path(summary["prepared_dir"]).name,
-                     tokenizer=target.tokenizer)
-    drafter.set_vocab_map(vm.d2t, vm.t2d)
-    log.info("draft vocabulary: %d of %d tokens, covering %.1f%% of training labels", vd, target.vocab_size,
-             100 * vm.coverage)
 
 
 def export_root(cfg) -> Path:
@@ -84,7 +71,7 @@ def export_and_score(cfg, drafter, target, is_main: bool = True) -> dict[str, Pa
     for fmt, path in written.items():
         print(f"exported {fmt}: {path}")
     if cfg.eval.limit_per_category >= 0 and "native" in written:
-        score(cfg, written["native"])
+        score(cfg, written["native"], target=target)
         # The engine exports hold the same weights: the card of each carries the same measurement.
         measured = (written["native"] / "eval.json").read_text()
         for fmt, path in written.items():
@@ -93,24 +80,19 @@ def export_and_score(cfg, drafter, target, is_main: bool = True) -> dict[str, Pa
     return written
 
 
-def score(cfg, drafter_dir: Path, out_dir: Path | None = None) -> dict:
-    """Score an export directory exactly as `specdistill eval --drafter <dir>` does; eval.json and the
-    plot go to `out_dir` (default: the export directory itself, where `publish` looks for them)."""
-    import argparse
-
-    from specdistill.verify import evaluate
+def score(cfg, drafter_dir: Path, out_dir: Path | None = None, target=None) -> dict:
+    """Score an export directory as `specdistill eval --drafter <dir>` does, on `target` (the run's
+    in-memory target, so its dtype, GGUF file, revision and device map are the run's; loaded from
+    `cfg.target` when None); eval.json and the plot go to `out_dir` (default: the export directory
+    itself, where `publish` looks for them)."""
+    from specdistill import scoring, targets
 
     e = cfg.eval
-    argv = ["--target", cfg.target.name, "--drafter", str(drafter_dir), "--limit-per-category",
-            str(e.limit_per_category), "--max-new-tokens", str(e.max_new_tokens), "--num-draft-tokens",
-            str(e.num_draft_tokens), "--out", str(out_dir or drafter_dir)]
-    if e.questions != "spec_bench":
-        argv += ["--questions", e.questions]
-    if e.draft_confidence:
-        argv += ["--draft-confidence", str(e.draft_confidence)]
-    ap = argparse.ArgumentParser(prog="specdistill eval")
-    evaluate.add_arguments(ap)
-    return evaluate.main(ap.parse_args(argv))
+    target = target if target is not None else targets.load(cfg.target)
+    return scoring.score(target, str(drafter_dir), out_dir or drafter_dir,
+                         questions=None if e.questions == "spec_bench" else e.questions,
+                         limit_per_category=e.limit_per_category, max_new_tokens=e.max_new_tokens,
+                         num_draft_tokens=e.num_draft_tokens, draft_confidence=e.draft_confidence)
 
 
 def compare(results: dict[str, dict]) -> str:

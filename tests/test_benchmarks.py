@@ -55,15 +55,15 @@ def test_eagle_quality_smoke(tmp_path, capsys):
     assert doc["command"].startswith("python benchmarks/eagle_quality.py --minutes 0.05")
 
     # --reuse: nothing is retrained and no eval is decoded again; the document's figures are the same
-    import specdistill.verify.evaluate as evaluate
+    import specdistill.scoring as scoring
 
     calls = []
-    orig = evaluate.main
-    evaluate.main = lambda a: (calls.append(a), orig(a))[1]
+    orig = scoring.main
+    scoring.main = lambda a: (calls.append(a), orig(a))[1]
     try:
         again = main(argv + ["--reuse", "--variants", "eagle3", "--no-pld"])
     finally:
-        evaluate.main = orig
+        scoring.main = orig
     assert calls == []
     assert again["results"]["eagle3"]["chain"] == res["eagle3"]["chain"]
     assert again["results"]["eagle3"]["training"]["reused"] is True

@@ -81,7 +81,12 @@ def test_hf_dir_loader_checks_vocabulary(tmp_path, tiny_target):
         loading.load_proposer(str(bad), tiny_target)
 
 
-def test_registered_family_loader_wins(tmp_path, tiny_target):
+def test_registered_export_format_loader_wins(tmp_path, tiny_target):
+    """A saved drafter is read by the loader of the export format that claims its directory (one
+    registry, export/formats.py), then asked for its proposer with the verifier's options."""
+    from specdistill import loading as top
+    from specdistill.export import formats
+
     d = tmp_path / "export"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"specdistill": {"family": "toy"}}))
@@ -90,16 +95,28 @@ def test_registered_family_loader_wins(tmp_path, tiny_target):
         def propose(self, state):
             return DraftTree.empty()
 
+    class ToyDrafter:
+        def eval(self):
+            return self
+
+        def to(self, device):
+            return self
+
+        def proposer(self, target, options):
+            assert options.num_draft_tokens == 3
+            return Toy()
+
     def is_toy(path):
         return (path / "config.json").exists() and "toy" in (path / "config.json").read_text()
 
-    with pytest.raises(ValueError, match="no drafter loader recognises"):
-        loading.load_proposer(str(d), tiny_target)
-    loading.register_loader(is_toy, lambda path, target, opts: Toy(), "toy")
+    with pytest.raises(ValueError, match="not a drafter specdistill can load.*contents"):
+        top.load_proposer(str(d), tiny_target)
+    formats.register(formats.ExportFormat("toyfmt", build=None, check=None, engine="test", claims=is_toy,
+                                          load=lambda path, target: ToyDrafter()))
     try:
-        assert isinstance(loading.load_proposer(str(d), tiny_target), Toy)
+        assert isinstance(top.load_proposer(str(d), tiny_target, num_draft_tokens=3), Toy)
     finally:
-        loading._LOADERS[:] = [x for x in loading._LOADERS if x[0] != "toy"]
+        formats.REGISTRY.pop("toyfmt")
 
 
 def test_run_eval_multi_turn_on_tiny_target(tiny_target, tmp_path):

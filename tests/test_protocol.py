@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import toy_families  # noqa: F401  (registers toy_rollout and toy_lora)
 import torch
+import toy_families  # noqa: F401  (registers toy_rollout and toy_lora)
 from test_trainer import collate, fit, make_data
 
 from specdistill.drafters.base import Drafter, DrafterSpec, ProtocolError, register

@@ -30,7 +30,7 @@ def load_any(path: str | Path, target_name: str = ""):
     """(drafter, target, run_cfg | None) from a run dir, step dir or native export dir."""
     import yaml
 
-    from specdistill import config, export, targets
+    from specdistill import config, loading, targets
     from specdistill.export import native
 
     path = Path(path)
@@ -39,7 +39,7 @@ def load_any(path: str | Path, target_name: str = ""):
         meta = _read_json(path / meta_file)
         name = target_name or ("default" if meta.get("target") == targets.DEFAULT_NAME else meta.get("target", ""))
         target = targets.load(name or "default")
-        return export.load_any(path, target), target, None
+        return loading.load_drafter(path, target), target, None
     step = native.checkpoint_dir(path)
     if step is None:
         raise FileNotFoundError(f"{path}: neither a Trainer checkpoint (run dir with `latest`, or step_<n>/ with "
@@ -54,7 +54,7 @@ def load_any(path: str | Path, target_name: str = ""):
     if target_name:
         tcfg.name = target_name
     target = targets.load(tcfg)
-    return native.load_checkpoint(step, target), target, run_cfg
+    return loading.load_drafter(step, target), target, run_cfg
 
 
 def cmd_export(args) -> int:

@@ -328,8 +328,10 @@ def eval_is_stale(export_dir: Path) -> bool:
     return mark.read_text().strip() == _sha256(ev)
 
 
-def write_export(out_dir: Path, cfg: dict, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """The three files every export format writes: config.json, model.safetensors, specdistill_export.json.
+def write_export(out_dir: Path, cfg: dict, tensors: dict[str, torch.Tensor], meta: dict,
+                 extra: dict[str, Callable[[Path], None]] | None = None) -> Path:
+    """The three files every export format writes: config.json, model.safetensors, specdistill_export.json
+    (plus `extra`: name -> writer, e.g. a trained target's adapters).
 
     A previous export in `out_dir` is replaced; its eval.json/eval.png and other added files are kept
     (carry_over)."""
@@ -337,6 +339,7 @@ def write_export(out_dir: Path, cfg: dict, tensors: dict[str, torch.Tensor], met
         "config.json": json_writer(cfg),
         "model.safetensors": safetensors_writer(tensors),
         "specdistill_export.json": json_writer(meta),
+        **(extra or {}),
     }, carry=carry_over)
 
 

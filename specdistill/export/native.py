@@ -14,14 +14,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from specdistill import adapters, drafters
 from specdistill import config as _config
-from specdistill import drafters
-from specdistill.export import common, contracts, eagle1
+from specdistill.export import common, contracts, eagle1, formats
 
 log = logging.getLogger(__name__)
 
 FORMAT = "native"
 FORMAT_VERSION = 1
+ADAPTER_FILE = "target_adapter.safetensors"  # a trained target's LoRA (peft layout, with adapter_config.json)
 
 
 def _target_storage(target) -> set[int]:
@@ -115,6 +116,8 @@ def load(path: str | Path, target, device: str | torch.device | None = None):
     dcfg = _config._merge(spec.config_cls(), cfg["drafter_config"], "drafter_config.")
     drafter = drafters.build(dcfg, target)
     _load_weights(drafter, load_file(str(path / "model.safetensors")), target, str(path / "model.safetensors"))
+    if (path / ADAPTER_FILE).is_file():
+        adapters.restore(drafter, target, load_file(str(path / ADAPTER_FILE)), str(path / ADAPTER_FILE))
     if device is not None:
         drafter = drafter.to(device)
     return drafter.eval()
@@ -145,13 +148,16 @@ def load_checkpoint(path: str | Path, target, device: str | torch.device | None 
     if run_cfg.drafter is None:
         raise ValueError(f"{step.parent / 'config.yaml'}: no drafter section")
     drafter = drafters.build(run_cfg.drafter, target)
-    _load_weights(drafter, load_file(str(step / "drafter.safetensors")), target, str(step / "drafter.safetensors"))
+    where = str(step / "drafter.safetensors")
+    sd, adapter_sd = adapters.split(load_file(where))
+    _load_weights(drafter, sd, target, where)
+    adapters.restore(drafter, target, adapter_sd, where)  # a trained target's LoRA comes back with it
     if device is not None:
         drafter = drafter.to(device)
     return drafter.eval()
 
 
-def is_engine_export(path: str | Path) -> bool:
+def is_engine_export(path: str | Path, fmt: str | None = None) -> bool:
     """An SGLang/vLLM directory written by specdistill (its metadata names the drafter config)."""
     p = Path(path) / "specdistill_export.json"
     if not p.is_file():
@@ -160,7 +166,26 @@ def is_engine_export(path: str | Path) -> bool:
         meta = json.loads(p.read_text())
     except (OSError, ValueError):
         return False
-    return meta.get("format") in ("sglang", "vllm") and "drafter_config" in meta
+    return meta.get("format") in ((fmt,) if fmt else ("sglang", "vllm")) and "drafter_config" in meta
+
+
+# speculators/SGLang architecture switches our EAGLE drafter does not implement: loading a file that sets
+# one would silently compute a different function, so it is refused instead.
+UNSUPPORTED_FLAGS = ("norm_before_fc", "norm_output", "norm_before_residual", "fc_norm", "sliding_window")
+
+
+def _refuse_unsupported_architecture(config_file: Path) -> None:
+    try:
+        cfg = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config_file}: unreadable ({e})") from None
+    layer = cfg.get("transformer_layer_config") or {}
+    on = [k for k in UNSUPPORTED_FLAGS if cfg.get(k) or (isinstance(layer, dict) and layer.get(k))]
+    if on:
+        raise ValueError(f"{config_file}: sets {', '.join(on)}, which specdistill's EAGLE drafter does not implement "
+                         "(not supported yet); it would load but compute a different function, so it is refused")
 
 
 def load_engine_export(path: str | Path, target, device: str | torch.device | None = None):
@@ -171,6 +196,7 @@ def load_engine_export(path: str | Path, target, device: str | torch.device | No
     embedding and LM head) are rebuilt from the target; absent d2t/t2d mean the full vocabulary."""
     path = Path(path)
     meta = json.loads((path / "specdistill_export.json").read_text())
+    _refuse_unsupported_architecture(path / "config.json")
     spec = drafters.get(meta["family"])
     dcfg = _config._merge(spec.config_cls(), meta["drafter_config"], "drafter_config.")
     drafter = drafters.build(dcfg, target)
@@ -180,8 +206,16 @@ def load_engine_export(path: str | Path, target, device: str | torch.device | No
     missing = sorted(k for k in want if k not in sd and k not in ("d2t", "t2d") and k in own)
     if missing:
         raise ValueError(f"{path / 'model.safetensors'}: tensors missing for the drafter: {missing[:5]}")
+    unknown = sorted(set(sd) - own - set(want))
+    if unknown:  # a tensor we would drop is a function we would not compute
+        raise ValueError(f"{path / 'model.safetensors'}: tensors this drafter does not have: {unknown[:5]} "
+                         "(written by another trainer or a newer specdistill?); refusing to load a different function")
     # A family installs what comes with the tensors (EAGLE: the d2t/t2d draft vocabulary) in load_state_dict.
     drafter.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     if device is not None:
         drafter = drafter.to(device)
     return drafter.eval()
+
+
+formats.register(formats.ExportFormat(name=FORMAT, build=build, check=check, engine="specdistill (eval, init_from)",
+                                      claims=is_native_dir, load=load))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specdistill.export import common, contracts, eagle1
+from specdistill.export import common, contracts, eagle1, formats, native
 
 FORMAT = "sglang"
 
@@ -54,3 +54,7 @@ def write(drafter, target, out_dir: str | Path, dtype: str = "bfloat16") -> Path
     meta = common.metadata(drafter, target, FORMAT, dtype)
     return common.write_export(Path(out_dir), cfg, tensors, meta)
 
+
+formats.register(formats.ExportFormat(
+    name=FORMAT, build=build, check=contracts.check_sglang, engine="SGLang (LlamaForCausalLMEagle3 / LlamaForCausalLMEagle)", engine_gap=engine_gap,
+    claims=lambda p: native.is_engine_export(p, FORMAT), load=native.load_engine_export))

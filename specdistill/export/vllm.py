@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specdistill.export import common, contracts, eagle1
+from specdistill.export import common, contracts, eagle1, formats, native
 
 FORMAT = "vllm"
 SPECULATORS_VERSION = "0.9.0"
@@ -100,3 +100,7 @@ def write(drafter, target, out_dir: str | Path, dtype: str = "bfloat16", specula
     meta = common.metadata(drafter, target, FORMAT, dtype)
     return common.write_export(Path(out_dir), cfg, tensors, meta)
 
+
+formats.register(formats.ExportFormat(
+    name=FORMAT, build=build, check=contracts.check_vllm, engine="vLLM (speculators Eagle3Speculator)", engine_gap=engine_gap,
+    claims=lambda p: native.is_engine_export(p, FORMAT), load=native.load_engine_export))

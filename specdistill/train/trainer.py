@@ -19,10 +19,10 @@ import yaml
 from torch.utils.data import DataLoader
 
 from specdistill import config as config_mod
+from specdistill.adapters import ADAPTER_PREFIX, WithAdapters
 from specdistill.train import checkpoint, rollout
 from specdistill.train import logging as tlog
 from specdistill.train.schedule import lr_factor, param_groups
-from specdistill.train.weights import ADAPTER_PREFIX, WithAdapters
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,5 @@
-"""`specdistill eval`: score a drafter on MT-bench / Spec-Bench questions against plain decoding.
-
-    specdistill eval --target default --drafter pld --limit-per-category 3 --max-new-tokens 128
-    specdistill eval --drafter checkpoints/eagle/export --temperature 0      # writes eval.json there
+"""Score a proposer on MT-bench / Spec-Bench questions against plain decoding (`run_eval`); the
+`specdistill eval` command around it is specdistill/scoring.py.
 
 Every question is decoded with the drafter and (unless --no-baseline) plainly by the same verifier
 code, interleaved, in this process: that is the speed-up's baseline. At temperature 0 the two
@@ -12,18 +10,11 @@ run's own answers back as assistant turns through the target's chat template.
 from __future__ import annotations
 
 import io
-import json
 import logging
-import platform
-import shlex
-import sys
-import time
 from pathlib import Path
 
-import torch
-
 from specdistill import fsutil
-from specdistill.data.questions import QuestionSet, load_questions
+from specdistill.data.questions import QuestionSet
 from specdistill.verify import metrics
 from specdistill.verify.verifier import GenerationResult, Verifier, eos_ids
 
@@ -195,90 +186,3 @@ def parse_tree(spec: str | None) -> tuple[int, ...] | None:
     if not widths or min(widths) < 1:
         raise ValueError(f"--tree {spec!r}: branching factors must be >= 1")
     return widths
-
-
-def main(args) -> dict:
-    from specdistill import targets
-    from specdistill.verify.loading import ProposerOptions, load_proposer
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    t0 = time.time()
-    target = targets.load(args.target)
-    tree = parse_tree(args.tree)
-    opts = ProposerOptions(num_draft_tokens=args.num_draft_tokens, tree=tree, temperature=args.temperature,
-                           top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                           confidence_threshold=args.draft_confidence)
-    proposer = load_proposer(args.drafter, target, opts)
-    qset = load_questions(args.questions, args.limit_per_category,
-                          args.categories.split(",") if args.categories else None)
-    for msg in qset.skipped[:20]:
-        log.warning("skipped %s", msg)
-    if args.limit:
-        qset.questions = qset.questions[:args.limit]
-    result = run_eval(target, proposer, qset, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, top_k=args.top_k, seed=args.seed, baseline=not args.no_baseline,
-                      progress=not args.no_progress)
-    drafter_path = Path(args.drafter).expanduser()
-    out = Path(args.out) if args.out else (drafter_path if drafter_path.is_dir() else Path.cwd())
-    out.mkdir(parents=True, exist_ok=True)
-    import transformers
-
-    result["settings"] = {
-        "target": target.name, "drafter": args.drafter, "proposer": type(proposer).__name__,
-        "questions": qset.path, "limit_per_category": args.limit_per_category, "limit": args.limit,
-        "categories": args.categories, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-        "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "num_draft_tokens": args.num_draft_tokens,
-        "tree": list(tree) if tree else None, "draft_confidence": args.draft_confidence, "baseline": not args.no_baseline,
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "command": shlex.join(sys.argv), "seconds": time.time() - t0,
-    }
-    result["skipped_lines"] = qset.skipped
-    plot(result, out / "eval.png")  # the figure first: eval.json is the record publish requires
-    fsutil.atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
-    print(format_table(result))
-    print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
-    return result
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--target", default="default", help="target: default, HF id/dir or .gguf (as in target.name)")
-    p.add_argument("--drafter", required=True,
-                   help="export dir | checkpoint | pld | hf:<model dir or id> | truncated:<n layers>")
-    p.add_argument("--questions", default=None, help="MT-bench/Spec-Bench JSONL (default: shipped Spec-Bench)")
-    p.add_argument("--limit-per-category", type=int, default=0, help="first N questions of each category (0 = all)")
-    p.add_argument("--limit", type=int, default=0, help="at most N questions in total (0 = all)")
-    p.add_argument("--categories", default="", help="comma-separated categories to keep")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-draft-tokens", type=int, default=5, help="draft length / tree depth")
-    p.add_argument("--draft-confidence", type=float, default=0.0,
-                   help="dynamic draft length: a draft-model or EAGLE chain stops at the first token whose draft "
-                        "probability is below this; an EAGLE tree keeps only nodes whose path probability "
-                        "reaches it (0 = off)")
-    p.add_argument("--tree", default=None, help="tree drafts: branching per depth, e.g. 3,2,1 (draft models: depth = len, "
-                   "--num-draft-tokens ignored; pld: the first number = matches merged into a trie)")
-    p.add_argument("--no-baseline", action="store_true", help="skip plain decoding (no speed-up, no identity check)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", default=None, help="output dir (default: the drafter's dir if it is one, else cwd)")
-
-
-def register(subparsers) -> None:
-    """Add `specdistill eval` to the CLI."""
-    p = subparsers.add_parser("eval", help="score a drafter: tau, alpha, speed-up, losslessness",
-                              description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    p.set_defaults(func=_cmd)
-
-
-def _cmd(args) -> int:
-    """Exit status 1 when a temperature-0 run was not identical to plain greedy decoding (a lossy drafter
-    path is a bug, and CI should see it)."""
-    result = main(args)
-    return 1 if result["overall"].get("identical_to_greedy") is False else 0

@@ -1,8 +1,7 @@
-"""Turn a `--drafter` spec into a Proposer: pld | hf:<dir or id> | truncated:<n> | <export dir | checkpoint>.
+"""The verifier's built-in proposers from a `--drafter` spec: pld | hf:<dir or id> | truncated:<n> | an HF dir.
 
-Drafter families plug their own export/checkpoint formats in with `register_loader(predicate, fn)`
-at import time (their module is imported by `specdistill.drafters`), so this file never has to
-know them.
+Saved drafters (exports, checkpoints) are read by `specdistill.loading`, which sits above this
+package; verify/ imports nothing above it.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,18 +17,6 @@ from specdistill.verify.proposer import Proposer, ProposerOptions
 from specdistill.verify.proposers import DraftModelProposer, PromptLookupProposer, check_same_vocabulary
 
 log = logging.getLogger(__name__)
-
-
-Loader = Callable[[Path, "object", ProposerOptions], Proposer]
-_LOADERS: list[tuple[str, Callable[[Path], bool], Loader]] = []
-
-
-def register_loader(predicate: Callable[[Path], bool], fn: Loader, name: str = "") -> None:
-    """Claim drafter paths: `predicate(path)` says whether `fn(path, target, options)` can load it.
-
-    Later registrations are tried first, so a family can override the generic HF fallback.
-    """
-    _LOADERS.insert(0, (name or getattr(fn, "__name__", "loader"), predicate, fn))
 
 
 def read_json(path: Path) -> dict:
@@ -92,26 +78,9 @@ def _is_hf_dir(path: Path) -> bool:
     return has_weights and any(str(a).endswith("ForCausalLM") for a in archs)
 
 
-def _load_hf_dir(path: Path, target, opts: ProposerOptions) -> Proposer:
-    return DraftModelProposer(load_hf_model(str(path), target), opts.num_draft_tokens, opts.temperature,
-                              opts.top_p, opts.top_k, seed=opts.seed, confidence_threshold=opts.confidence_threshold, tree=opts.tree)
-
-
-register_loader(_is_hf_dir, _load_hf_dir, "hf_causal_lm")
-
-
-def _import_families() -> None:
-    """Importing the drafters package runs the families' `register_loader` calls."""
-    try:
-        import specdistill.drafters  # noqa: F401
-        import specdistill.export  # noqa: F401  (registers loaders for export and checkpoint dirs)
-    except ImportError as e:  # a broken family must not make pld/hf drafters unusable
-        log.warning("could not import specdistill.drafters (%s); only built-in loaders are available", e)
-
-
-def load_proposer(spec: str, target, options: ProposerOptions | None = None, **opts) -> Proposer:
-    """Build a proposer for `target` from a `--drafter` spec (module docstring)."""
-    o = options or ProposerOptions(**opts)
+def builtin_proposer(spec: str, target, o: ProposerOptions) -> Proposer | None:
+    """The verifier's own proposers: pld, truncated:<n>, hf:<dir or id>, or an HF causal-LM directory;
+    None when `spec` is none of them (a saved drafter: specdistill.loading.load_proposer)."""
     if spec == "pld":
         return PromptLookupProposer(o.num_draft_tokens, branches=o.tree[0] if o.tree else 1)
     if spec.startswith("truncated:"):
@@ -119,19 +88,25 @@ def load_proposer(spec: str, target, options: ProposerOptions | None = None, **o
             n = int(spec.split(":", 1)[1])
         except ValueError:
             raise ValueError(f"--drafter {spec}: expected truncated:<number of layers>") from None
-        return DraftModelProposer(truncated_model(target, n), o.num_draft_tokens, o.temperature, o.top_p,
-                                  o.top_k, seed=o.seed, confidence_threshold=o.confidence_threshold, tree=o.tree)
+        return _draft_model(truncated_model(target, n), o)
     if spec.startswith("hf:"):
-        return DraftModelProposer(load_hf_model(spec[3:], target), o.num_draft_tokens, o.temperature,
-                                  o.top_p, o.top_k, seed=o.seed, confidence_threshold=o.confidence_threshold, tree=o.tree)
+        return _draft_model(load_hf_model(spec[3:], target), o)
     path = Path(spec).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"--drafter {spec}: not pld, hf:<model>, truncated:<n>, nor an existing path")
-    _import_families()
-    for _name, pred, fn in _LOADERS:
-        if pred(path):
-            return fn(path, target, o)
-    found = sorted(p.name for p in path.iterdir())[:20] if path.is_dir() else [path.name]
-    raise ValueError(f"{path}: no drafter loader recognises it (contents: {found}); known loaders: "
-                     f"{[n for n, _, _ in _LOADERS]}. A family registers one with "
-                     "specdistill.verify.loading.register_loader(predicate, fn).")
+    if _is_hf_dir(path):
+        return _draft_model(load_hf_model(str(path), target), o)
+    return None
+
+
+def _draft_model(model, o: ProposerOptions) -> Proposer:
+    return DraftModelProposer(model, o.num_draft_tokens, o.temperature, o.top_p, o.top_k, seed=o.seed,
+                              confidence_threshold=o.confidence_threshold, tree=o.tree)
+
+
+def load_proposer(spec: str, target, options: ProposerOptions | None = None, **opts) -> Proposer:
+    """`builtin_proposer`, or an error naming the spec (saved drafters load through specdistill.loading)."""
+    o = options or ProposerOptions(**opts)
+    found = builtin_proposer(spec, target, o)
+    if found is None:
+        raise ValueError(f"--drafter {spec}: not pld, hf:<model>, truncated:<n> nor an HF model directory "
+                         "(saved drafters load through specdistill.loading.load_proposer)")
+    return found

@@ -1,7 +1,7 @@
 """Proposers that need no training: prompt lookup (n-gram matching) and an independent draft model.
 
 Trained families (Medusa, EAGLE, CTC) ship their own proposers in their drafter modules and plug in
-through `Proposer` (proposer.py) and `loading.register_loader`.
+through `Proposer` (proposer.py); saved drafters load through `specdistill.loading`.
 """
 
 from __future__ import annotations
