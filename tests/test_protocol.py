@@ -164,3 +164,39 @@ def test_trainable_target_resumes_exactly(tmp_path):
                         keep_last=5)
     assert len(resumed["losses"]) == 3
     assert resumed["losses"] == pytest.approx(full["losses"][3:], rel=1e-6, abs=1e-7)
+
+
+def test_trainable_target_export_reloads_to_the_same_outputs(tmp_path):
+    from specdistill import export
+    from specdistill.config import ExportConfig
+    from specdistill.loading import load_drafter
+
+    target = _fresh_target()
+    _, d, _ = fit(tmp_path, target, "lora_exp", drafter_cfg=toy_families.ToyLoraConfig(), max_steps=3)
+    out = export.write(d, ExportConfig(formats=["native"], dtype="float32", target_adapters="merged"),
+                       tmp_path / "export", target)
+    native = out["native"]
+    meta = json.loads((native / "specdistill_export.json").read_text())
+    assert meta["target_changed"] is True and (native / "target_adapter.safetensors").is_file()
+    assert json.loads((native / "adapter_config.json").read_text())["r"] == 2
+    batch = collate([make_data(4)[i] for i in range(4)])
+
+    def outputs(drafter, tgt):
+        with torch.no_grad():
+            tout = tgt(batch["input_ids"], batch["attention_mask"])
+            return drafter.loss(batch, tout).loss, tout.logits
+
+    want_loss, want_logits = outputs(d, target)
+    fresh = _fresh_target()
+    back = load_drafter(native, fresh)
+    assert fresh.has_adapters  # the adapters came back onto the target with the drafter
+    got_loss, got_logits = outputs(back, fresh)
+    assert torch.equal(got_loss, want_loss) and torch.equal(got_logits, want_logits)
+    # The merged target is a plain HF model computing the adapted target's logits.
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out["merged_target"]).eval()
+    with torch.no_grad():
+        z = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(z, want_logits, atol=1e-5)
+    assert target.has_adapters

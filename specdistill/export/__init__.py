@@ -68,7 +68,8 @@ def write_merged_target(target, out_dir: Path) -> Path:
         (tmp / "specdistill_export.json").write_text(json.dumps(
             {"format": "merged_target", "target": common.target_name(target), "target_changed": True}, indent=2))
 
-    return common.atomic_dir(Path(out_dir), fill)
+    common.atomic_dir(Path(out_dir), fill)
+    return Path(out_dir)
 
 
 def write(drafter, export_cfg, out_root: str | Path | None, target) -> dict[str, Path]:
