@@ -135,15 +135,19 @@ def reverse_kl(student: torch.Tensor, teacher_logp: torch.Tensor, reduction: str
 def jsd(student: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.5, reduction: str = "sum") -> torch.Tensor:
     """Generalised Jensen-Shannon divergence JSD(beta) (GKD, Agarwal et al. 2024, arXiv 2306.13649, eq. 3).
 
-    m = beta * p + (1 - beta) * q;  JSD = beta * KL(p || m) + (1 - beta) * KL(q || m).
-    beta = 0.5 is the symmetric JSD; the limits beta -> 0 / 1 approach scaled forward / reverse KL.
+    m = beta * p + (1 - beta) * q;  JSD = beta * KL(p || m) + (1 - beta) * KL(q || m), p = teacher.
+    beta = 0.5 is the symmetric JSD. The endpoints follow TRL's GKDTrainer (`generalized_jsd_loss`,
+    FAMILIES.md C3): beta = 0 is forward KL(p || q), beta = 1 is reverse KL(q || p) (the formula
+    itself tends to 0 there), so the same `beta` means the same loss as in TRL.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"jsd beta ({beta}) must be in [0, 1]")
+    if beta == 0.0:
+        return forward_kl(student, teacher_logp, reduction)
+    if beta == 1.0:
+        return reverse_kl(student, teacher_logp, reduction)
     lq = _logp(student)
     lp = teacher_logp.detach().float()
-    if beta == 0.0 or beta == 1.0:
-        return _reduce(torch.zeros(lq.shape[:-1], dtype=lq.dtype, device=lq.device) + 0 * lq.sum(-1), reduction)
     lm = torch.logsumexp(torch.stack([lp + torch.log(torch.tensor(beta)), lq + torch.log(torch.tensor(1 - beta))]), 0)
     p, q = lp.exp(), lq.exp()
     kl_pm = torch.where(p > 0, p * (lp - lm), torch.zeros_like(p)).sum(-1)

@@ -49,7 +49,6 @@ def test_jsd_symmetric_at_half_and_bounded(pq):
     b = losses.jsd(t, F.log_softmax(s, -1), beta=0.5, reduction="none")
     assert torch.allclose(a, b, atol=1e-5)
     assert (a >= 0).all() and (a <= math.log(2) + 1e-6).all()
-    assert losses.jsd(s, F.log_softmax(t, -1), beta=0.0).abs().item() == 0.0
     with pytest.raises(ValueError):
         losses.jsd(s, F.log_softmax(t, -1), beta=1.5)
 
@@ -136,3 +135,29 @@ def test_chunked_forward_kl_matches_value_and_gradient(dtype):
     assert torch.equal(top, z.float().argmax(-1))
     tol = 1e-6 if dtype == torch.float32 else 2e-2
     assert b.grad.dtype == dtype and torch.allclose(b.grad.float(), a.grad.float(), atol=tol)
+
+
+def test_jsd_endpoints_are_forward_and_reverse_kl_as_in_trl(pq):
+    """TRL GKD semantics: beta=0 -> KL(teacher || student), beta=1 -> KL(student || teacher) (not 0)."""
+    s, t = pq
+    lp = F.log_softmax(t, -1)
+    assert torch.allclose(losses.jsd(s, lp, beta=0.0, reduction="none"),
+                          losses.forward_kl(s, lp, reduction="none"), atol=1e-6)
+    assert torch.allclose(losses.jsd(s, lp, beta=1.0, reduction="none"),
+                          losses.reverse_kl(s, lp, reduction="none"), atol=1e-6)
+    assert losses.jsd(s, lp, beta=0.0).item() > 0.1 and losses.jsd(s, lp, beta=1.0).item() > 0.1
+    # gradients flow at the endpoints too (a constant 0 would give none)
+    z = s.clone().requires_grad_(True)
+    losses.jsd(z, lp, beta=1.0).backward()
+    assert z.grad.abs().sum() > 0
+
+
+def test_fkl_rkl_swap_under_argument_swap_and_divergences_zero_at_equality(pq):
+    s, t = pq
+    ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    assert torch.allclose(losses.forward_kl(s, lt, reduction="none"), losses.reverse_kl(t, ls, reduction="none"),
+                          atol=1e-5)
+    assert torch.allclose(losses.tvd(s, lt, reduction="none"), losses.tvd(t, ls, reduction="none"), atol=1e-6)
+    for beta in (0.0, 0.1, 0.5, 0.9, 1.0):
+        assert losses.jsd(s, ls, beta=beta).abs().item() < 1e-5, beta
+        assert (losses.jsd(s, lt, beta=beta, reduction="none") >= -1e-6).all(), beta
