@@ -21,14 +21,17 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from specdistill.config import DataConfig
 from specdistill.data.chat import ChatEncoder
 from specdistill.data.dataset import PreparedDataset
 from specdistill.data.sources import SourceError, resolve, split_of
 from specdistill.data.stats import SkipCounter, format_summary, save_json, token_stats
+
+if TYPE_CHECKING:  # annotations only: data/ must not import config at run time (drafters -> data -> config)
+    from specdistill.config import DataConfig
 
 log = logging.getLogger(__name__)
 
