@@ -93,7 +93,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
     mixed_precision: str = "auto"
-    """no, bf16, fp16 or auto (bf16 on GPUs that support it, else no)."""
+    """no, bf16, fp16 or auto (bf16 on GPUs and CPUs with native bf16, else no; train/topology.py decides)."""
     eval_every: int = 100
     """Validate every this many steps (0 = only at the end)."""
     eval_batches: int = 8
