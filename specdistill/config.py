@@ -178,6 +178,9 @@ class EvalConfig:
     """Draft length k of the chain."""
     draft_confidence: float = 0.0
     """Dynamic draft length: stop drafting below this draft probability (`eval --draft-confidence`; 0 = off)."""
+    adaptive: bool = False
+    """Adaptive policy (`eval --adaptive`): each pass's draft length (0 = a plain step) from the measured
+    verify-cost curve and the drafter's online acceptance, so drafting is skipped where it does not pay."""
 
 
 @dataclass

@@ -92,7 +92,8 @@ def score(cfg, drafter_dir: Path, out_dir: Path | None = None, target=None) -> d
     return scoring.score(target, str(drafter_dir), out_dir or drafter_dir,
                          questions=None if e.questions == "spec_bench" else e.questions,
                          limit_per_category=e.limit_per_category, max_new_tokens=e.max_new_tokens,
-                         num_draft_tokens=e.num_draft_tokens, draft_confidence=e.draft_confidence)
+                         num_draft_tokens=e.num_draft_tokens, draft_confidence=e.draft_confidence,
+                         adaptive=e.adaptive)
 
 
 def compare(results: dict[str, dict]) -> str:

@@ -33,9 +33,10 @@ def score(target, drafter: str, out: str | Path | None = None, *, questions: str
           limit_per_category: int = 0, limit: int = 0, categories: str = "", max_new_tokens: int = 128,
           temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, num_draft_tokens: int = 5,
           tree: str | None = None, draft_confidence: float = 0.0, baseline: bool = True, progress: bool = True,
-          quiet: bool = False) -> dict:
+          quiet: bool = False, adaptive: bool = False) -> dict:
     """Decode the questions with `drafter` (a --drafter spec: path, pld, hf:, truncated:) and plainly, on
-    `target`; write eval.json + eval.png to `out` (default: the drafter's directory, else cwd)."""
+    `target`; write eval.json + eval.png to `out` (default: the drafter's directory, else cwd). With
+    `adaptive` the draft length of each pass comes from verify/policy.AdaptivePolicy (0 = a plain step)."""
     t0 = time.time()
     torch.manual_seed(seed)
     widths = parse_tree(tree)
@@ -47,8 +48,14 @@ def score(target, drafter: str, out: str | Path | None = None, *, questions: str
         log.warning("skipped %s", msg)
     if limit:
         qset.questions = qset.questions[:limit]
+    policy = None
+    if adaptive:
+        from specdistill.verify.policy import AdaptivePolicy, VerifyCost
+
+        depth = len(widths) if widths else num_draft_tokens
+        policy = AdaptivePolicy(VerifyCost.load_or_measure(target, max(8, depth)), max_tokens=depth)
     result = run_eval(target, proposer, qset, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_p=top_p, top_k=top_k, seed=seed, baseline=baseline, progress=progress)
+                      top_p=top_p, top_k=top_k, seed=seed, baseline=baseline, progress=progress, policy=policy)
     drafter_path = Path(drafter).expanduser()
     out = Path(out) if out else (drafter_path if drafter_path.is_dir() else Path.cwd())
     out.mkdir(parents=True, exist_ok=True)
@@ -60,6 +67,7 @@ def score(target, drafter: str, out: str | Path | None = None, *, questions: str
         "categories": categories, "max_new_tokens": max_new_tokens, "temperature": temperature,
         "top_p": top_p, "top_k": top_k, "seed": seed, "num_draft_tokens": num_draft_tokens,
         "tree": list(widths) if widths else None, "draft_confidence": draft_confidence, "baseline": baseline,
+        "adaptive": policy.summary() if policy is not None else None,
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "command": shlex.join(sys.argv), "seconds": time.time() - t0,
@@ -83,7 +91,7 @@ def main(args) -> dict:
                  limit=args.limit, categories=args.categories, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                  num_draft_tokens=args.num_draft_tokens, tree=args.tree, draft_confidence=args.draft_confidence,
-                 baseline=not args.no_baseline, progress=not args.no_progress)
+                 baseline=not args.no_baseline, progress=not args.no_progress, adaptive=args.adaptive)
 def add_arguments(p) -> None:
     p.add_argument("--target", default="default", help="target: default, HF id/dir or .gguf (as in target.name)")
     p.add_argument("--drafter", required=True,
@@ -104,6 +112,10 @@ def add_arguments(p) -> None:
                         "reaches it (0 = off)")
     p.add_argument("--tree", default=None, help="tree drafts: branching per depth, e.g. 3,2,1 (draft models: depth = len, "
                    "--num-draft-tokens ignored; pld: the first number = matches merged into a trie)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="adaptive policy: each pass drafts as many tokens as the measured verify cost and the "
+                        "drafter's running acceptance say pay, none (a plain step) when drafting does not; "
+                        "lossless (it only sets draft lengths)")
     p.add_argument("--no-baseline", action="store_true", help="skip plain decoding (no speed-up, no identity check)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--no-progress", action="store_true")

@@ -45,11 +45,11 @@ def _figures(spec: list[GenerationResult], base: list[GenerationResult]) -> dict
 
 def run_eval(target, proposer, questions, max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int = 0, baseline: bool = True,
-             progress: bool = True, warmup: bool = True) -> dict:
+             progress: bool = True, warmup: bool = True, policy=None) -> dict:
     """Decode every question with `proposer` (and plainly as the baseline); return all figures.
 
     `questions` is a QuestionSet or a list of Question. The result is what eval.json holds, minus
-    the command-line settings the CLI adds.
+    the command-line settings the CLI adds. `policy` (verify/policy.AdaptivePolicy) sets the draft lengths.
     """
     qs = questions.questions if isinstance(questions, QuestionSet) else list(questions)
     if not qs:
@@ -61,7 +61,7 @@ def run_eval(target, proposer, questions, max_new_tokens: int = 128, temperature
     if warmup:  # first calls pay for allocator growth and lazy init; keep them out of the timings
         ids = encode_chat(tok, [{"role": "user", "content": qs[0].turns[0]}])
         ver.generate(ids, None, max_new_tokens=8, seed=seed)
-        ver.generate(ids, proposer, max_new_tokens=8, seed=seed)
+        ver.generate(ids, proposer, max_new_tokens=8, seed=seed, policy=policy)
 
     total = sum(len(q.turns) for q in qs)
     bar = None
@@ -85,7 +85,7 @@ def run_eval(target, proposer, questions, max_new_tokens: int = 128, temperature
             if baseline:
                 b = ver.generate(encode_chat(tok, base_msgs), None, seed=s, **kw)
                 base_msgs.append({"role": "assistant", "content": _answer_text(tok, b.tokens, eos)})
-            r = ver.generate(encode_chat(tok, spec_msgs), proposer, seed=s, **kw)
+            r = ver.generate(encode_chat(tok, spec_msgs), proposer, seed=s, policy=policy, **kw)
             spec_msgs.append({"role": "assistant", "content": _answer_text(tok, r.tokens, eos)})
             all_spec.append(r)
             cat = by_cat.setdefault(q.category, ([], []))

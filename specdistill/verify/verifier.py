@@ -90,7 +90,9 @@ class Verifier:
     @torch.inference_mode()
     def generate(self, prompt_ids, proposer: Proposer | None = None, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 eos_token_ids=None, seed: int | None = None) -> GenerationResult:
+                 eos_token_ids=None, seed: int | None = None, policy=None) -> GenerationResult:
+        """Decode one prompt; `policy` (verify/policy.AdaptivePolicy) sets each pass's draft length, 0 being
+        a plain step without drafting (it never changes which tokens are accepted)."""
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().cpu()
         if prompt.numel() == 0:
             raise ValueError("generate: the prompt is empty")
@@ -104,7 +106,8 @@ class Verifier:
             generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % (2**63))
         if proposer is None:
             return self._plain(prompt, max_new_tokens, temperature, top_p, top_k, eos, generator)
-        return self._speculative(prompt, proposer, max_new_tokens, temperature, top_p, top_k, eos, generator)
+        return self._speculative(prompt, proposer, max_new_tokens, temperature, top_p, top_k, eos, generator,
+                                 policy)
 
     def _plain(self, prompt, max_new_tokens, temperature, top_p, top_k, eos, generator) -> GenerationResult:
         t0 = time.perf_counter()
@@ -134,7 +137,7 @@ class Verifier:
         return GenerationResult(out, n, [1] * n, [0] * n, [0] * n, [0] * n, 0.0, wall, wall, prompt.numel(), stop)
 
     def _speculative(self, prompt, proposer, max_new_tokens, temperature, top_p, top_k, eos,
-                     generator) -> GenerationResult:
+                     generator, policy=None) -> GenerationResult:
         t_start = time.perf_counter()
         device = self.target.device
         lm_head = self.model.lm_head
@@ -148,21 +151,35 @@ class Verifier:
         capture.active = False  # records only the verification passes, not the proposer's own forwards
         res = GenerationResult([], 0, [], prompt_len=plen)
         hidden: dict[int, torch.Tensor] = {}
+        unseen: list[dict[int, torch.Tensor]] = []  # hidden rows of passes the proposer has not seen yet
         draft_time = verify_time = 0.0
+        if policy is not None:
+            policy.start()
         try:
             proposer.reset(prompt.clone())
             while True:
                 remaining = plen + max_new_tokens - length
                 t0 = time.perf_counter()
-                if (capture.layers and res.steps == 0) or remaining <= 1:
+                budget = remaining - 1
+                if policy is not None and not (capture.layers and res.steps == 0) and budget > 0:
+                    budget = policy.choose(budget)
+                if (capture.layers and res.steps == 0) or budget <= 0:
                     # A feature-based drafter has nothing to draft from before the prefill has
-                    # produced target hidden states, so the first pass is a plain prefill; and with
-                    # one token left only the bonus token can be used.
+                    # produced target hidden states, so the first pass is a plain prefill; with
+                    # one token left only the bonus token can be used; and the policy may decide
+                    # that drafting does not pay this pass.
                     draft = DraftTree.empty()
+                    k_chosen = 0
                 else:
-                    draft = proposer.propose(ProposerState(buf[:length], hidden, remaining - 1))
+                    if len(unseen) > 1:
+                        hidden = {i: torch.cat([u[i] for u in unseen]) for i in capture.layers}
+                    else:
+                        hidden = unseen[0] if unseen else {}
+                    unseen = []
+                    draft = proposer.propose(ProposerState(buf[:length], hidden, budget))
                     treeops.validate(draft, self.vocab_size)
-                    draft = treeops.truncate_depth(draft, remaining - 1)
+                    draft = treeops.truncate_depth(draft, budget)
+                    k_chosen = budget
                 t1 = time.perf_counter()
                 draft_time += t1 - t0
 
@@ -202,8 +219,8 @@ class Verifier:
                         layer.values = layer.values.index_select(-2, keep)
                 if capture.layers:
                     rows = torch.cat([torch.arange(pending), pending + torch.tensor(path, dtype=torch.long)])
-                    hidden = {i: capture.captured[i][0].index_select(0, rows.to(device))
-                              for i in capture.layers}
+                    unseen.append({i: capture.captured[i][0].index_select(0, rows.to(device))
+                                   for i in capture.layers})
                 capture.captured = {}
 
                 new = [dtokens[c] for c in path] + [bonus]
@@ -217,12 +234,16 @@ class Verifier:
                 buf[length:length + len(new)] = torch.tensor(new, dtype=torch.long)
                 cached = length + m  # everything but the bonus token went through the target
                 length += len(new)
-                verify_time += time.perf_counter() - t1
+                t2 = time.perf_counter()
+                verify_time += t2 - t1
+                offered = m + (1 if kids[path[-1] if path else -1] else 0)
+                if policy is not None and res.steps > 0:
+                    policy.observe(k_chosen, n, m, offered, t1 - t0, t2 - t1)
 
                 res.steps += 1
                 res.accepted_per_step.append(len(new))
                 res.draft_accepted_per_step.append(m)
-                res.draft_offered_per_step.append(m + (1 if kids[path[-1] if path else -1] else 0))
+                res.draft_offered_per_step.append(offered)
                 res.draft_size_per_step.append(n)
                 if stop is None and length - plen >= max_new_tokens:
                     stop = "length"

@@ -1,0 +1,98 @@
+"""The adaptive policy (verify/policy.py): it picks draft lengths from the cost curve and the online
+acceptance, falls back to plain passes when drafting does not pay, and never changes the output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_llama, make_tokenizer
+from test_verify import NO_EOS, Oracle, reference_greedy, sharp_target
+
+from specdistill.targets import TargetModel
+from specdistill.verify.policy import AdaptivePolicy, VerifyCost
+from specdistill.verify.verifier import Verifier
+
+FLAT = VerifyCost([0.0] + [1.0] * 10)  # verifying 10 tokens costs what one does: drafting pays if anything is right
+STEEP = VerifyCost([0.0] + [float(n) for n in range(1, 11)])  # cost ~ tokens: no draft can beat a plain step
+
+
+@pytest.fixture(scope="module")
+def setup():
+    target = sharp_target()
+    torch.manual_seed(3)
+    prompt = torch.randint(8, 128, (12,)).tolist()
+    return target, Verifier(target), prompt, reference_greedy(target.model, prompt, 40)
+
+
+def test_model_prefers_long_drafts_when_accepted_and_plain_when_not():
+    p = AdaptivePolicy(FLAT, max_tokens=5)
+    for _ in range(20):
+        p.observe(5, 5, 5, 5, 0.0, 1.0)  # every draft token accepted
+    assert p.alpha()[0] > 0.9 and p.choose() == 5
+    q = AdaptivePolicy(FLAT, max_tokens=5)
+    for _ in range(20):
+        q.observe(5, 5, 0, 1, 0.5, 1.0)  # position 1 always rejected; drafting costs half a pass
+    assert q.alpha()[0] < 0.1 and q.choose() == 0
+    # a cheaper verifier curve favours longer drafts than a steep one at the same acceptance
+    mid = VerifyCost([0.0] + [1.0 + 0.3 * n for n in range(10)])
+    a, b = AdaptivePolicy(FLAT, max_tokens=5), AdaptivePolicy(mid, max_tokens=5)
+    for pol in (a, b):
+        for _ in range(30):
+            pol.observe(5, 5, 2, 3, 0.0, pol.cost(6))  # accept 2 of 5: alpha ~ (1, 1, 0)
+    assert a.choose() > b.choose() > 0
+
+
+def test_probes_back_off_while_drafting_does_not_pay():
+    p = AdaptivePolicy(STEEP, max_tokens=4, min_gap=2, max_gap=16)
+    picks = []
+    for _ in range(60):
+        k = p.choose()
+        picks.append(k)
+        p.observe(k, k, 0, min(k, 1), 0.0, p.cost(1 + k))
+    probes = [i for i, k in enumerate(picks) if k]
+    assert set(picks) <= {0, 1} and probes[0] == 1  # a probe every `gap` passes, the gap doubling to 16
+    assert [b - a for a, b in zip(probes, probes[1:])] == [4, 8, 16, 16]
+
+
+def test_policy_output_is_the_target_greedy_output(setup):
+    target, ver, prompt, ref = setup
+    good = AdaptivePolicy(FLAT, max_tokens=4)
+    res = ver.generate(prompt, Oracle(len(prompt), ref, 4), max_new_tokens=40, eos_token_ids=NO_EOS, policy=good)
+    assert res.tokens == ref and res.steps <= 14  # learns that 4-token drafts pay
+    bad = AdaptivePolicy(STEEP, max_tokens=4)
+    res = ver.generate(prompt, Oracle(len(prompt), ref, 4, wrong=True), max_new_tokens=40, eos_token_ids=NO_EOS,
+                       policy=bad)
+    assert res.tokens == ref and res.steps == 40
+    assert sum(n == 0 for n in res.draft_size_per_step) >= 30  # mostly plain passes: no draft sent
+
+
+def test_feature_drafter_gets_every_skipped_position(setup):
+    """EAGLE needs target features for every position since its last draft; plain passes in between
+    must hand them over concatenated (EagleProposer raises otherwise), and greedy output is unchanged."""
+    from specdistill.drafters.eagle import EagleConfig, EagleDrafter
+
+    model = make_llama(layers=4, seed=1)
+    target = TargetModel(model, make_tokenizer(), name="tiny-llama-4")
+    torch.manual_seed(0)
+    d = EagleDrafter(EagleConfig(layer_ids=[1, 2, 3]), target).eval()  # untrained
+    ver = Verifier(target)
+    prompt = torch.randint(10, 128, (8,)).tolist()
+    ref = ver.generate(prompt, None, max_new_tokens=30, eos_token_ids=NO_EOS)
+    pol = AdaptivePolicy(STEEP, max_tokens=4, min_gap=2)
+    res = ver.generate(prompt, d.proposer(target, k=4), max_new_tokens=30, eos_token_ids=NO_EOS, policy=pol)
+    assert res.tokens == ref.tokens
+    sizes = res.draft_size_per_step[1:]
+    assert 0 in sizes and any(sizes)  # plain passes and probes both happened
+
+
+def test_verify_cost_is_measured_once_and_cached(tmp_path, setup, monkeypatch):
+    target = setup[0]
+    a = VerifyCost.load_or_measure(target, max_tokens=3, cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and len(a.seconds) == 5 and all(s > 0 for s in a.seconds[1:])
+    assert a.seconds == sorted(a.seconds)
+    assert json.loads(files[0].read_text())["key"]["threads"] == torch.get_num_threads()
+    monkeypatch.setattr(VerifyCost, "measure", classmethod(lambda *a, **k: pytest.fail("measured again")))
+    assert VerifyCost.load_or_measure(target, max_tokens=3, cache_dir=tmp_path).seconds == a.seconds
