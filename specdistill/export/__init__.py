@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from specdistill.export import common, formats, native, sglang, vllm  # noqa: F401  (each registers its format)
+from specdistill.export import medusa as _medusa  # noqa: F401  (vllm_medusa, medusa_fd)
 from specdistill.export.contracts import ContractError
 from specdistill.export.native import ADAPTER_FILE, is_native_dir, load_checkpoint
 from specdistill.export.native import load as load_native
