@@ -197,7 +197,8 @@ def feature_regression(pred: torch.Tensor, target: torch.Tensor, beta: float = 1
 
 def ctc(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor, target_lengths: torch.Tensor,
         blank: int = 0, reduction: str = "sum") -> torch.Tensor:
-    """CTC loss -log sum_{alignments} prod q (Graves et al. 2006), as used by CTC drafters (arXiv 2408.00264).
+    """CTC loss -log sum_{alignments} prod q (Graves et al. 2006), as used by the CTC drafter
+    (Wen, Gui, Feng, NeurIPS 2024, arXiv 2412.00061; specdistill/drafters/ctc.py).
 
     log_probs: (T, N, C) log-softmax outputs; targets: (N, S) padded labels. Infeasible alignments
     give 0 (zero_infinity) instead of inf so one bad sample cannot poison a batch.
