@@ -380,8 +380,9 @@ class CtcDrafter(Drafter):
         }
 
     def proposer(self, target=None, options: ProposerOptions | None = None, **overrides) -> CtcProposer:
-        """Options: chain (tree None) = the best candidate only, depth num_draft_tokens; tree widths =
-        that many candidates (product of the widths), depth len(tree), budget as EAGLE's mapping."""
+        """Options: no tree = the family's drafting, `drafter.num_candidates` candidates merged into a trie,
+        depth num_draft_tokens; tree widths = product-of-widths candidates, depth len(tree), budget as
+        EAGLE's mapping (so `--tree 1,1,1,1` is a chain of the best candidate)."""
         args: dict = {}
         if options is not None:
             if options.tree:
@@ -392,7 +393,7 @@ class CtcDrafter(Drafter):
                     budget += width
                 args.update(num_candidates=width, depth=len(widths), budget=budget)
             else:
-                args.update(num_candidates=1, depth=int(options.num_draft_tokens))
+                args.update(depth=int(options.num_draft_tokens))
             if options.confidence_threshold:
                 args["min_prob"] = float(options.confidence_threshold)
         args.update(overrides)

@@ -215,9 +215,13 @@ def test_proposals_are_deterministic_and_valid(target, batch):
     # The floor on a candidate's probability: an untrained drafter's spread-out sequences are not drafted.
     floor = d.proposer(target, ProposerOptions(tree=(3, 2), confidence_threshold=0.5), dtype="float32")
     assert len(floor.propose(_state(target, d, ids))) == 0
-    chain = d.proposer(target, ProposerOptions(num_draft_tokens=3), dtype="float32")
+    chain = d.proposer(target, ProposerOptions(tree=(1, 1, 1)), dtype="float32")
     c = chain.propose(_state(target, d, ids))
-    assert c.is_chain() and len(c) <= 3
+    assert c.is_chain() and 0 < len(c) <= 3
+    n = min(len(c), 2)  # the tree (3, 2) has depth 2; its first nodes are the best candidate's
+    assert c.tokens[:n].tolist() == a.tokens[:n].tolist()
+    default = d.proposer(target, ProposerOptions(num_draft_tokens=3), dtype="float32")
+    assert default.num_candidates == d.cfg.num_candidates and default.depth == 3
 
 
 @pytest.mark.parametrize("tree", [None, (3, 2, 1)])
@@ -234,9 +238,10 @@ def test_greedy_verification_is_identical_to_the_target(target, batch, tree):
     d = _build(target, regen, min_candidate_prob=0.0)
     _fit(d.train(), regen, _tout(target, d, regen), steps=20)
     d.eval()
-    opts = ProposerOptions(num_draft_tokens=4, tree=tree)
+    opts = ProposerOptions(num_draft_tokens=4, tree=tree or (1, 1, 1, 1))
     res = ver.generate(prompt, d.proposer(target, opts), max_new_tokens=20, eos_token_ids=[])
     assert res.tokens == ref.tokens
+    assert res.tokens == ref.tokens and (tree is not None or all(n <= 4 for n in res.draft_size_per_step))
     assert max(res.draft_accepted_per_step) >= (2 if tree else 1)
     assert res.steps < len(ref.tokens)
     # An untrained drafter (drafts mostly rejected) is identical too.
@@ -293,3 +298,27 @@ def test_config_errors_name_the_key():
         CtcConfig(ctc_frames=0)
     with pytest.raises(ConfigError, match="layer_ids"):
         CtcConfig(layer_ids=[1, 2])
+
+
+def test_recipe_trains_exports_native_and_scores(tmp_path):
+    """recipes/ctc.py end to end on the tiny run inputs: train, a native export only, eval.json greedy-identical."""
+    import json
+    import runpy
+
+    from conftest import write_tiny_run_inputs
+
+    from specdistill import config
+
+    tgt, convs, questions = write_tiny_run_inputs(tmp_path)
+    out = tmp_path / "run"
+    main = runpy.run_path(str(config.REPO_ROOT / "recipes" / "ctc.py"), run_name="recipe")["main"]
+    main([f"target.name={tgt}", f"data.source={convs}", f"data.prepared_dir={tmp_path / 'prepared'}",
+          "data.max_length=64", "data.val_fraction=0.1", "data.min_loss_tokens=2", "drafter.draft_vocab_size=48",
+          "drafter.max_ctc_positions=16", f"train.output_dir={out}", "train.max_steps=3", "train.micro_batch_size=2",
+          "train.save_every=3", "train.eval_every=0", "train.trackers=[none]", "train.progress=false",
+          "train.mixed_precision=no", "train.max_minutes=0", f"eval.questions={questions}",
+          "eval.limit_per_category=0", "eval.max_new_tokens=8", "export.dtype=float32"])
+    exported = sorted(p.name for p in (out / "export").iterdir())
+    assert exported == ["native"]
+    ev = json.loads((out / "export" / "native" / "eval.json").read_text())
+    assert ev["overall"]["identical_to_greedy"] is True
