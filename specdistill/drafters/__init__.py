@@ -23,3 +23,4 @@ def build(cfg, target):
 from specdistill.drafters import eagle  # noqa: E402,F401
 from specdistill.drafters import medusa  # noqa: E402,F401
 from specdistill.drafters import ctc  # noqa: E402,F401
+from specdistill.drafters import small_lm  # noqa: E402,F401

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from specdistill.export import common, formats, native, sglang, vllm  # noqa: F401  (each registers its format)
+from specdistill.export import hf_draft as _hf_draft  # noqa: F401  (hf_draft: a standard HF draft model)
 from specdistill.export import medusa as _medusa  # noqa: F401  (vllm_medusa, medusa_fd)
 from specdistill.export.contracts import ContractError
 from specdistill.export.native import ADAPTER_FILE, is_native_dir, load_checkpoint
@@ -82,12 +83,12 @@ def write(drafter, export_cfg, out_root: str | Path | None, target) -> dict[str,
         fmt = formats.get(f)
         cfg, tensors = fmt.build(drafter, target, dtype)
         fmt.check(cfg, tensors, target.num_layers)
-        built[f] = (cfg, tensors)
+        built[f] = (cfg, tensors, fmt.files(drafter, target, root / f) if fmt.files is not None else {})
     trained_target = target.has_adapters
     out = {}
-    for f, (cfg, tensors) in built.items():
+    for f, (cfg, tensors, files) in built.items():
         meta = common.metadata(drafter, target, f, dtype)
-        extra = _adapter_files(target, dtype, meta) if trained_target and f == "native" else None
+        extra = {**files, **(_adapter_files(target, dtype, meta) if trained_target and f == "native" else {})} or None
         if trained_target and f != "native":
             meta.update(target_changed=True, target_adapters="not included: see the native export")
         out[f] = common.write_export(root / f, cfg, tensors, meta, extra=extra)

@@ -298,37 +298,20 @@ def _facts(inp: CardInputs) -> list[tuple[str, str]]:
 
 
 def _serving(inp: CardInputs, repo: str) -> str:
-    target, fmt, var = target_of(inp), inp.meta.get("format"), variant_of(inp)
-    k = speculative_tokens(inp)
+    """How to use the export: the engine lines come from its format's `card_serving` (export/formats.py)."""
+    from specdistill.export import formats
+
+    target, fmt = target_of(inp), inp.meta.get("format")
     fam = family_of(inp)
-    parts = []
-    if fam == "eagle" and fmt in ("vllm", "sglang"):
-        if var == "eagle1":
-            parts += ["### vLLM", "", "vLLM cannot serve this drafter: vLLM's EAGLE-1 model has no bias on its fusion "
-                      "layer `fc`, which this drafter has (reasons and sources: `specdistill/export/eagle1.py`).", ""]
-        else:
-            method = "eagle3" if var == "eagle3" else "eagle"
-            spec = json.dumps({"method": method, "model": repo, "num_speculative_tokens": k}, separators=(",", ":"))
-            parts += ["### vLLM", "", "```bash", f"vllm serve {target} --speculative-config '{spec}'", "```", ""]
-        if fmt == "vllm":
-            parts += ["This repository is in the vLLM speculators layout, so `vllm serve " + repo
-                      + "` also works on its own (the target is read from `speculators_config.verifier`).", ""]
-        algo = "EAGLE3" if var == "eagle3" else "EAGLE"
-        if fmt == "sglang":
-            parts += ["### SGLang", "", "```bash",
-                      f"python -m sglang.launch_server --model {target} --speculative-algorithm {algo} \\",
-                      f"  --speculative-draft-model-path {repo} --speculative-num-steps {k} \\",
-                      f"  --speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}", "```", ""]
-        else:
-            parts += ["### SGLang", "",
-                      f"SGLang reads the `sglang` export of the same run (`specdistill export ... export.formats=[sglang]`), "
-                      f"served with `--speculative-algorithm {algo} --speculative-draft-model-path <that repo>`.", ""]
+    entry = formats.REGISTRY.get(fmt) if fmt else None
+    if entry is not None and entry.card_serving is not None:
+        parts = list(entry.card_serving(inp, repo))
     else:
-        parts += ["### vLLM / SGLang", "",
-                  f"This `{fmt or 'unknown'}` export is specdistill's own layout; write an engine layout with "
-                  "`specdistill export` (formats `vllm`, `sglang`) to serve it with an engine.", ""]
+        parts = ["### vLLM / SGLang", "",
+                 f"This `{fmt or 'unknown'}` export is specdistill's own layout; write an engine layout with "
+                 "`specdistill export` (formats `vllm`, `sglang`, `hf_draft`) to serve it with an engine.", ""]
     parts += ["### transformers", ""]
-    if fam in ("small_lm", "hf_draft"):
+    if fmt == "hf_draft":
         parts += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   f"tok = AutoTokenizer.from_pretrained({target!r})",
                   f"model = AutoModelForCausalLM.from_pretrained({target!r})",

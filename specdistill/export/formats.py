@@ -26,6 +26,11 @@ class ExportFormat:
     """claims(path) -> True when `path` is a directory of this format that `load` reads back."""
     load: Callable | None = None
     """load(path, target) -> drafter, rebuilding exactly what the files hold (refusing what it cannot)."""
+    card_serving: Callable | None = None
+    """card_serving(card_inputs, repo) -> markdown lines: how engines serve this format (export/card.py)."""
+    files: Callable | None = None
+    """files(drafter, target, out_dir) -> {name: writer(path)}: files beyond config.json/model.safetensors
+    (e.g. tokenizer files, generation_config.json); may raise ContractError before anything is written."""
 
 
 REGISTRY: dict[str, ExportFormat] = {}

@@ -9,6 +9,7 @@ Serve with: `python -m sglang.launch_server --model <target> --speculative-algor
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from specdistill.export import common, contracts, eagle1, formats, native
@@ -58,3 +59,19 @@ def write(drafter, target, out_dir: str | Path, dtype: str = "bfloat16") -> Path
 formats.register(formats.ExportFormat(
     name=FORMAT, build=build, check=contracts.check_sglang, engine="SGLang (LlamaForCausalLMEagle3 / LlamaForCausalLMEagle)", engine_gap=engine_gap,
     claims=lambda p: native.is_engine_export(p, FORMAT), load=native.load_engine_export))
+
+
+def card_serving(inp, repo: str) -> list[str]:
+    """Model-card serving text of an SGLang EAGLE export (export/card.py `_serving`)."""
+    from specdistill.export import card, vllm
+
+    k = card.speculative_tokens(inp)
+    algo = "EAGLE3" if card.variant_of(inp) == "eagle3" else "EAGLE"
+    return vllm.serve_line(inp, repo) + [
+        "### SGLang", "", "```bash",
+        f"python -m sglang.launch_server --model {card.target_of(inp)} --speculative-algorithm {algo} \\",
+        f"  --speculative-draft-model-path {repo} --speculative-num-steps {k} \\",
+        f"  --speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}", "```", ""]
+
+
+formats.REGISTRY[FORMAT] = dataclasses.replace(formats.REGISTRY[FORMAT], card_serving=card_serving)

@@ -8,6 +8,8 @@ EAGLE-1 is refused: no vLLM loader was found that runs its biased fc (export/eag
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 from specdistill.export import common, contracts, eagle1, formats, native
@@ -104,3 +106,32 @@ def write(drafter, target, out_dir: str | Path, dtype: str = "bfloat16", specula
 formats.register(formats.ExportFormat(
     name=FORMAT, build=build, check=contracts.check_vllm, engine="vLLM (speculators Eagle3Speculator)", engine_gap=engine_gap,
     claims=lambda p: native.is_engine_export(p, FORMAT), load=native.load_engine_export))
+
+
+def serve_line(inp, repo: str) -> list[str]:
+    """The vLLM `--speculative-config` line of an EAGLE drafter (or why vLLM cannot serve it)."""
+    from specdistill.export import card
+
+    if card.variant_of(inp) == "eagle1":
+        return ["### vLLM", "", "vLLM cannot serve this drafter: vLLM's EAGLE-1 model has no bias on its fusion "
+                "layer `fc`, which this drafter has (reasons and sources: `specdistill/export/eagle1.py`).", ""]
+    method = "eagle3" if card.variant_of(inp) == "eagle3" else "eagle"
+    spec = json.dumps({"method": method, "model": repo, "num_speculative_tokens": card.speculative_tokens(inp)},
+                      separators=(",", ":"))
+    return ["### vLLM", "", "```bash", f"vllm serve {card.target_of(inp)} --speculative-config '{spec}'", "```", ""]
+
+
+def card_serving(inp, repo: str) -> list[str]:
+    """Model-card serving text of a vLLM speculators export (export/card.py `_serving`)."""
+    from specdistill.export import card
+
+    algo = "EAGLE3" if card.variant_of(inp) == "eagle3" else "EAGLE"
+    return serve_line(inp, repo) + [
+        "This repository is in the vLLM speculators layout, so `vllm serve " + repo
+        + "` also works on its own (the target is read from `speculators_config.verifier`).", "",
+        "### SGLang", "",
+        "SGLang reads the `sglang` export of the same run (`specdistill export ... export.formats=[sglang]`), "
+        f"served with `--speculative-algorithm {algo} --speculative-draft-model-path <that repo>`.", ""]
+
+
+formats.REGISTRY[FORMAT] = dataclasses.replace(formats.REGISTRY[FORMAT], card_serving=card_serving)
