@@ -224,6 +224,15 @@ class SmallLMDrafter(Drafter):
         hb = getattr(target.lm_head, "bias", None)
         if hb is not None:
             self._frozen["head_bias"] = hb.detach()
+        # A tied head is one tensor under two names; checkpoints and native exports keep one name
+        # (safetensors refuses shared storage) and loading puts it back under both.
+        if self.tied:
+            self._register_state_dict_hook(_drop_tied_head)
+            self._register_load_state_dict_pre_hook(_restore_tied_head)
+
+    @property
+    def tied(self) -> bool:
+        return self.lm.get_output_embeddings().weight is self.lm.get_input_embeddings().weight
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -377,6 +386,19 @@ class SmallLMDrafter(Drafter):
         if "rolled_out" in batch:
             metrics["on_policy_tokens"] = m[batch["rolled_out"].bool()].sum()
         return LossOutput(total, m.sum(), metrics)
+
+
+_HEAD, _EMBED = "lm.lm_head.weight", "lm.model.embed_tokens.weight"
+
+
+def _drop_tied_head(module, state_dict, prefix, local_metadata):
+    state_dict.pop(prefix + _HEAD, None)
+    return state_dict
+
+
+def _restore_tied_head(state_dict, prefix, *args):
+    if prefix + _HEAD not in state_dict and prefix + _EMBED in state_dict:
+        state_dict[prefix + _HEAD] = state_dict[prefix + _EMBED]
 
 
 # ---------------------------------------------------------------------------------------------

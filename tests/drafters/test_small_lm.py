@@ -188,3 +188,30 @@ def test_native_export_reloads_bit_identical(target4, tmp_path):
     assert type(back) is SmallLMDrafter and back.cfg.loss == "tvd"
     for (k, a), (_, b) in zip(d.lm.state_dict().items(), back.lm.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("recipe,extra", [("seqkd", []), ("distillspec", ["drafter.loss=jsd", "drafter.rollout_tokens=4"])])
+def test_recipes_train_export_and_score_on_a_tiny_target(tmp_path, recipe, extra):
+    """The shipped recipes through the Trainer (rollout step included), both exports and the eval."""
+    import json
+    import runpy
+
+    from conftest import write_tiny_run_inputs
+
+    from specdistill import config
+
+    t, convs, q = write_tiny_run_inputs(tmp_path)
+    main = runpy.run_path(str(config.REPO_ROOT / "recipes" / f"{recipe}.py"), run_name="recipe")["main"]
+    out = tmp_path / "run"
+    main([f"target.name={t}", f"data.source={convs}", f"data.prepared_dir={tmp_path / 'prep'}", "data.max_length=64",
+          "data.val_fraction=0.1", "data.min_loss_tokens=2", "drafter.keep_layers=[0,1]", f"train.output_dir={out}",
+          "train.max_steps=3", "train.micro_batch_size=2", "train.save_every=3", "train.eval_every=0",
+          "train.trackers=[none]", "train.progress=false", "train.mixed_precision=no", "train.max_minutes=0",
+          "train.log_every=1", f"eval.questions={q}", "eval.limit_per_category=0", "eval.max_new_tokens=8",
+          "eval.num_draft_tokens=2", "export.dtype=float32", *extra], recipe=recipe)
+    hf = out / "export" / "hf_draft"
+    assert (hf / "eval.json").is_file() and (out / "export" / "native" / "eval.json").is_file()
+    gc = json.loads((hf / "generation_config.json").read_text())
+    assert gc["num_assistant_tokens"] == 2
+    ev = json.loads((hf / "eval.json").read_text())
+    assert ev["overall"]["identical_to_greedy"] is True
