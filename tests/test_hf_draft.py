@@ -91,3 +91,44 @@ def test_hf_assisted_generation_with_the_export_equals_greedy(saved_target, tmp_
     plain = target.model.generate(ids, **kw)
     assisted = target.model.generate(ids, assistant_model=draft, **kw)
     assert torch.equal(plain, assisted)
+
+
+@pytest.mark.embedded
+def test_real_target_hf_assisted_generation_with_a_distilled_export_equals_greedy(tmp_path):
+    """The real client: a pruned 4-layer SmolLM2 draft, briefly distilled (forward KL on the target's own
+    greedy answer), exported as hf_draft, loaded by transformers and used as `assistant_model`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specdistill import targets
+
+    target = targets.load("default")
+    tok = target.tokenizer
+    prompts = ["Write a haiku about the sea.", "List three uses of a paperclip."]
+    encs = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                    return_tensors="pt") for p in prompts]
+    encs = [(e["input_ids"] if hasattr(e, "keys") else e) for e in encs]
+    kw = dict(max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        plain = [target.model.generate(e, **kw) for e in encs]
+    d = drafters.build(SmallLMConfig(keep_layers=[0, 1, 2, 3], loss="forward_kl"), target)
+    seq = plain[0][0]
+    lm = torch.zeros_like(seq)
+    lm[encs[0].shape[1]:] = 1
+    b = {"input_ids": seq[None], "attention_mask": torch.ones_like(seq)[None], "loss_mask": lm[None]}
+    tout = target(b["input_ids"], b["attention_mask"], return_logits=False)
+    opt = torch.optim.Adam(d.trainable_parameters(), lr=1e-4)
+    first = None
+    for _ in range(4):
+        lo = d.loss(b, tout)
+        opt.zero_grad()
+        (lo.loss / lo.num_tokens).backward()
+        opt.step()
+        first = first if first is not None else float(lo.loss.detach())
+    assert float(d.loss(b, tout).loss.detach()) < first
+    out = write(d, ExportConfig(formats=["hf_draft"], dtype="float32"), tmp_path / "smol-draft", target)["hf_draft"]
+    assert AutoTokenizer.from_pretrained(str(out)).get_vocab() == tok.get_vocab()
+    draft = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert draft.config.vocab_size == target.vocab_size == 49152
+    with torch.no_grad():
+        for e, ref in zip(encs, plain, strict=True):
+            assert torch.equal(target.model.generate(e, assistant_model=draft, **kw), ref)
