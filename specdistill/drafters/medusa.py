@@ -253,9 +253,13 @@ class MedusaDrafter(Drafter):
         self.draft_index[ids] = torch.arange(ids.numel(), device=dev)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # An engine export carries the map (token_map -> d2t/t2d) but not `vocab_map_ready`: install it.
+        given = prefix + "d2t" in state_dict and prefix + "vocab_map_ready" not in state_dict
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         with torch.no_grad():
             self._sync_vocab()
+            if given:
+                self.vocab_map_ready.fill_(True)
 
     def fit(self, train_data, target, data_key: str = "") -> None:
         """Build the reduced head vocabulary from label-token frequencies (as EagleDrafter.fit does)."""
@@ -335,6 +339,7 @@ class MedusaDrafter(Drafter):
         return {"variant": self.variant, "num_heads": int(self.cfg.num_heads), "num_layers": int(self.cfg.num_layers),
                 "hidden_size": int(self.hidden_size), "vocab_size": int(self.vocab_size),
                 "draft_vocab_size": int(self.draft_vocab_size), "head_accuracy": self.head_accuracy(),
+                "accuracy_counts": self.acc_counts.tolist(), "accuracy_totals": self.acc_totals.tolist(),
                 "tree": [list(p) for p in self.sparse_tree()]}
 
     def proposer(self, target=None, options: ProposerOptions | None = None, **overrides) -> MedusaProposer:

@@ -41,8 +41,9 @@ _HEAD = re.compile(r"^lm_heads\.(\d+)\.weight$")
 
 
 def _gap(drafter) -> str | None:
-    if getattr(drafter.cfg, "name", "") != "medusa":
-        return f"only Medusa heads can be written in this layout (drafter {drafter.cfg.name!r})"
+    name = common.spec_of(drafter).name
+    if name != "medusa":
+        return f"only Medusa heads can be written in this layout (drafter {name!r})"
     return None
 
 
@@ -50,16 +51,18 @@ def fd_gap(drafter) -> str | None:
     gap = _gap(drafter)
     if gap:
         return gap
-    if drafter.draft_vocab_size < drafter.vocab_size:
+    info = drafter.export_info()
+    if info["draft_vocab_size"] < info["vocab_size"]:
         return (f"FasterDecoding heads are full-vocabulary; this drafter has a reduced head vocabulary "
-                f"({drafter.draft_vocab_size} of {drafter.vocab_size}): use vllm_medusa, or train with "
+                f"({info['draft_vocab_size']} of {info['vocab_size']}): use vllm_medusa, or train with "
                 "drafter.draft_vocab_size=0")
     return None
 
 
 def _meta_extra(drafter) -> dict:
-    return {"head_accuracy_counts": drafter.acc_counts.tolist(), "head_accuracy_totals": drafter.acc_totals.tolist(),
-            "medusa_tree": [list(p) for p in drafter.sparse_tree()]}
+    info = drafter.export_info()
+    return {"head_accuracy_counts": info["accuracy_counts"], "head_accuracy_totals": info["accuracy_totals"],
+            "medusa_tree": info["tree"]}
 
 
 # -- vLLM MedusaModel ---------------------------------------------------------------------------------
@@ -178,14 +181,15 @@ def build_fd(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
     if gap:
         raise ContractError(f"{FD} export: {gap}")
     sd = drafter.export_state_dict()
-    n_layers = drafter.cfg.num_layers
+    info = drafter.export_info()
+    n_layers = info["num_layers"]
     out = {}
     for key, t in sd.items():
         if (m := _BLOCK.match(key)):
             out[f"{m[1]}.{m[2]}.linear.{m[3]}"] = t
         elif (m := _HEAD.match(key)):
             out[f"{m[1]}.{n_layers}.weight"] = t
-    cfg = {"medusa_num_heads": int(drafter.cfg.num_heads), "medusa_num_layers": int(n_layers),
+    cfg = {"medusa_num_heads": int(info["num_heads"]), "medusa_num_layers": int(n_layers),
            "base_model_name_or_path": common.target_name(target),
            "transformers_version": common.transformers_version()}
     return cfg, common.cast(out, common.torch_dtype(dtype))
@@ -235,22 +239,20 @@ def load(path: str | Path, target, device=None):
     dcfg = _config._merge(spec.config_cls(), meta["drafter_config"], "drafter_config.")
     drafter = drafters.build(dcfg, target)
     tm = sd.pop("token_map", None)
-    if tm is not None:
-        t2d = torch.zeros(drafter.vocab_size, dtype=torch.bool)
-        t2d[tm] = True
-        order = tm.sort().values
-        if not torch.equal(order, tm):
-            raise ValueError(f"{where}: token_map is not ascending; specdistill's draft ids are in target-id order")
-        drafter.set_vocab_map(tm - torch.arange(tm.numel()), t2d)
     own = {k for k in drafter.state_dict() if k.startswith(("blocks.", "lm_heads."))}
     if set(sd) != own:
         raise ValueError(f"{where}: tensors do not match the drafter built from its config (missing "
                          f"{sorted(own - set(sd))[:3]}, unexpected {sorted(set(sd) - own)[:3]})")
-    drafter.load_state_dict({k: v for k, v in sd.items()}, strict=False)
-    with torch.no_grad():
-        if "head_accuracy_counts" in meta:
-            drafter.acc_counts.copy_(torch.tensor(meta["head_accuracy_counts"]))
-            drafter.acc_totals.copy_(torch.tensor(meta["head_accuracy_totals"]))
+    if tm is not None:  # the drafter installs a map that comes with the weights (d2t/t2d, data/vocab.py)
+        if not torch.equal(tm.sort().values, tm):
+            raise ValueError(f"{where}: token_map is not ascending; specdistill's draft ids are in target-id order")
+        t2d = torch.zeros(int(cfg["vocab_size"]), dtype=torch.bool)
+        t2d[tm] = True
+        sd.update(d2t=tm - torch.arange(tm.numel()), t2d=t2d)
+    if "head_accuracy_counts" in meta:
+        sd.update(acc_counts=torch.tensor(meta["head_accuracy_counts"], dtype=torch.int64),
+                  acc_totals=torch.tensor(meta["head_accuracy_totals"], dtype=torch.int64))
+    drafter.load_state_dict(sd, strict=False)
     if device is not None:
         drafter = drafter.to(device)
     return drafter.eval()
