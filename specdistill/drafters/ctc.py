@@ -222,6 +222,7 @@ class CtcDrafter(Drafter):
         self.blank_id = self.draft_vocab_size
         lc = draft_llama_config(target.config, max(cfg.num_layers, cfg.slot_layers), cfg.intermediate_size)
         self.llama_config = lc
+        self.eps = lc.rms_norm_eps  # read by EagleProposer's drafting kernels
         self.fc = nn.Linear(2 * h, h, bias=True)
         self.midlayer = DraftDecoderLayer(lc, fused=False, input_norm=False)
         self.layers = nn.ModuleList([DraftDecoderLayer(lc, fused=False, input_norm=True)
