@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES = [
     "specdistill.export.cli",  # export
     "specdistill.export.hub",  # publish
     "specdistill.plan",  # plan
+    "specdistill.online.retrain",  # retrain (scheduled online distillation on query logs)
 ]
 
 

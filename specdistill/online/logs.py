@@ -14,9 +14,8 @@ Reading never stops at a bad line: it is skipped and counted by reason (data/sta
 returned offset stops before it, so the next run reads it whole. Files are `*.jsonl` and rotated
 `*.jsonl.<n>`, oldest first.
 
-`logs:<dir>` as `data.source` (data/sources.py) reads every complete record that has a served
-response as a training conversation (prompt + response); `specdistill retrain` reads through the
-ledger instead (only what is new).
+`specdistill retrain` reads the logs through the ledger (ledger.py: only what is new). The reader
+stays on this floor: data/ (floor 3) may not import online/ (floor 8), tests/test_architecture.py.
 """
 
 from __future__ import annotations
@@ -25,17 +24,13 @@ import codecs
 import hashlib
 import json
 import math
-import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from specdistill.data.sources import (
     MAX_DEPTH,
     ROLE_ALIASES,
-    Conversation,
-    Source,
     SourceError,
     has_bad_text,
     too_deep,
@@ -197,36 +192,3 @@ def log_files(directory: str | Path) -> list[Path]:
         m = LOG_NAME.search(p.name)
         return (p.name[:m.start()], -int(m.group(1)[1:]) if m.group(1) else 0, p.name)
     return sorted(files, key=order)
-
-
-class LogsSource(Source):
-    """`data.source=logs:<dir>`: every complete record with a served response, as a conversation."""
-
-    def identity(self) -> str:
-        parts = [f"{p.resolve()}|{p.stat().st_size}|{int(p.stat().st_mtime)}" for p in log_files(self.path)]
-        return f"logs:{self.path.resolve()}|" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-    def iter(self, counter: SkipCounter) -> Iterator[Conversation]:
-        for p in log_files(self.path):
-            offset, line = 0, 1
-            while True:
-                recs, offset, line, eof = read_from(p, offset, line, counter)
-                for r in recs:
-                    if r.response is None or not r.response.strip():
-                        counter.skip("no_assistant_turn", r.where, "no served response in the log record")
-                        continue
-                    yield Conversation(r.key, r.prompt + [{"role": "assistant", "content": r.response}], r.where)
-                if eof:
-                    break
-
-
-def logs_source(spec: str) -> LogsSource:
-    d = spec.removeprefix("logs:")
-    if not d:
-        raise SourceError("data.source=logs: needs a directory after 'logs:'")
-    path = Path(d).expanduser()
-    if not path.is_dir():
-        raise SourceError(f"{path}: logs directory not found (data.source=logs:<dir>)")
-    if not os.access(path, os.R_OK):
-        raise SourceError(f"{path}: logs directory not readable")
-    return LogsSource(spec, path)
