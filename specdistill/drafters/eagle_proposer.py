@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from specdistill.drafters.layers import rms_norm
 from specdistill.verify.proposer import DraftTree, Proposer, ProposerOptions, ProposerState
 
 if TYPE_CHECKING:
@@ -66,30 +67,105 @@ class EagleProposer(Proposer):
         self.drafter = _drafting_copy(drafter, dtype)
         self.mode, self.k, self.topk, self.budget, self.depth = mode, k, topk, budget, depth
         self.target_layers = tuple(drafter.layer_ids)
+        self._prepare()
         self.reset(None)
 
     def reset(self, prompt_ids=None) -> None:
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (1, kv, P, d)
         self.committed = 0  # drafter indices in the cache (index t covers (f_t, x_{t+1}))
         self.last_out: torch.Tensor | None = None  # (H,) drafter output at the last committed index
+        self.n = 0  # positions held in the KV buffers: committed ones, then the current draft's
+
+    def _prepare(self) -> None:
+        """Drafting-time tensors built once per proposer: the projections of each draft layer fused into
+        one matmul each (q|k|v and gate|up: the same dot products, one weight read and one call), the
+        RoPE table, and the KV buffers (grown by doubling; positions are written in place, never cat)."""
+        d = self.drafter
+        self._layers = []
+        for layer in [d.midlayer, *d.layers]:
+            at, mlp = layer.self_attn, layer.mlp
+            self._layers.append({
+                "fused": layer.fused,
+                "in_norm": layer.input_layernorm.weight if hasattr(layer, "input_layernorm") else None,
+                "hidden_norm": layer.hidden_norm.weight if layer.fused else None,
+                "post_norm": layer.post_attention_layernorm.weight,
+                "wqkv": torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]).contiguous(),
+                "wo": at.o_proj.weight, "wgu": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
+                "wd": mlp.down_proj.weight, "act": mlp.act_fn, "inter": mlp.gate_proj.weight.shape[0],
+                "heads": at.heads, "kv_heads": at.kv_heads, "head_dim": at.head_dim,
+            })
+        self._eps = d.eps
+        self._positions = torch.arange(0)
+        self._cap = 0
+        self._kbuf: list[torch.Tensor] = []
+        self._vbuf: list[torch.Tensor] = []
+        self._cos = self._sin = None
+
+    def _ensure(self, need: int) -> None:
+        """KV buffers and RoPE table for at least `need` positions (doubling, existing entries kept)."""
+        if need <= self._cap:
+            return
+        w = self._param()
+        cap = max(256, self._cap)
+        while cap < need:
+            cap *= 2
+        kb, vb = [], []
+        for i, spec in enumerate(self._layers):
+            shape = (1, spec["kv_heads"], cap, spec["head_dim"])
+            k = torch.empty(shape, dtype=w.dtype, device=w.device)
+            v = torch.empty(shape, dtype=w.dtype, device=w.device)
+            if self._cap:
+                k[:, :, :self.n] = self._kbuf[i][:, :, :self.n]
+                v[:, :, :self.n] = self._vbuf[i][:, :, :self.n]
+            kb.append(k)
+            vb.append(v)
+        self._kbuf, self._vbuf, self._cap = kb, vb, cap
+        probe = torch.empty(1, dtype=w.dtype, device=w.device)
+        cos, sin = self.drafter.rotary(probe, torch.arange(cap, device=w.device)[None])
+        self._cos, self._sin = cos[0], sin[0]  # (cap, d), exactly what the rotary module gives per position
 
     def _param(self):
         return next(self.drafter.parameters())
 
-    def _run(self, hidden, emb, positions, mask):
-        d = self.drafter
-        past = self.kv if self.kv is not None and self.kv[0][0].shape[2] else None
-        out, new = d.layers_forward(hidden, emb, positions[None], past, mask=mask)
-        return out, new
+    def _run(self, hidden, emb, positions, mask, causal=False):
+        """All draft layers on the n new positions `hidden` (1, n, H) at `positions` (n,); their keys and
+        values are written at cache slots self.n .. self.n+n-1, which the queries see with `mask`
+        (n, self.n+n; None = all of them, or causal over the new block when `causal`)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    def _append(self, new):
-        if self.kv is None:
-            self.kv = [(k, v) for k, v in new]
-        else:
-            self.kv = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(self.kv, new)]
+        n = hidden.shape[1]
+        p0 = self.n
+        self._ensure(p0 + n)
+        cos, sin = self._cos[positions][None], self._sin[positions][None]
+        eps = self._eps
+        for i, L in enumerate(self._layers):
+            residual = hidden
+            if L["fused"]:
+                x = torch.cat([rms_norm(emb.to(hidden.dtype), L["in_norm"], eps),
+                               rms_norm(hidden, L["hidden_norm"], eps)], -1)
+            elif L["in_norm"] is not None:
+                x = rms_norm(hidden, L["in_norm"], eps)
+            else:
+                x = hidden
+            nh, nkv, hd = L["heads"], L["kv_heads"], L["head_dim"]
+            qkv = F.linear(x, L["wqkv"])
+            q = qkv[..., :nh * hd].view(1, n, nh, hd).transpose(1, 2)
+            k = qkv[..., nh * hd:(nh + nkv) * hd].view(1, n, nkv, hd).transpose(1, 2)
+            v = qkv[..., (nh + nkv) * hd:].view(1, n, nkv, hd).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            kb, vb = self._kbuf[i], self._vbuf[i]
+            kb[:, :, p0:p0 + n] = k
+            vb[:, :, p0:p0 + n] = v
+            a = F.scaled_dot_product_attention(q, kb[:, :, :p0 + n], vb[:, :, :p0 + n], attn_mask=mask,
+                                               is_causal=causal and mask is None, enable_gqa=nh != nkv)
+            hidden = residual + F.linear(a.transpose(1, 2).reshape(1, n, -1), L["wo"])
+            gu = F.linear(rms_norm(hidden, L["post_norm"], eps), L["wgu"])
+            m = L["inter"]
+            hidden = hidden + F.linear(L["act"](gu[..., :m]) * gu[..., m:], L["wd"])
+        self.n = p0 + n
+        return hidden
 
     def _crop(self, n):
-        self.kv = [(k[:, :, :n], v[:, :, :n]) for k, v in self.kv]
+        self.n = n
 
     def _commit(self, state: ProposerState):
         """Add the newly accepted positions (target features) to the cache."""
@@ -120,8 +196,7 @@ class EagleProposer(Proposer):
         if p0:
             mask = torch.ones(new, p0 + new, dtype=torch.bool, device=device)
             mask[:, p0:] = torch.tril(torch.ones(new, new, dtype=torch.bool, device=device))
-        out, kv = d.layers_forward(x, emb, pos[None], self.kv, mask=mask, causal=mask is None)
-        self._append(kv)
+        out = self._run(x, emb, pos, mask, causal=mask is None)
         self.committed = L - 1
         self.last_out = out[0, -1]
 
@@ -146,32 +221,36 @@ class EagleProposer(Proposer):
         w = self._param()
         try:
             if self.mode == "chain":
-                return self._chain(d, w)
+                k = min(self.k, state.max_depth) if state.max_depth else self.k
+                if self._positions.numel() < self.committed + k:
+                    self._positions = torch.arange(2 * (self.committed + k), device=w.device)
+                return self._chain(d, w, k)
             return self._tree(d, w)
         finally:
             self._crop(self.committed)
 
-    def _chain(self, d, w) -> DraftTree:
+    def _chain(self, d, w, k: int) -> DraftTree:
         toks = []
         out = self.last_out
-        for i in range(self.k):
+        d2t = d.d2t
+        gate = self.min_logp > -math.inf
+        for i in range(k):
             logits = d.draft_logits(out)
-            tid = int(logits.argmax())
-            if self.min_logp > -math.inf and float(F.log_softmax(logits.float(), -1)[tid]) < self.min_logp:
+            tid = logits.argmax(-1, keepdim=True)  # (1,) draft id, kept as a tensor (no sync, no rebuild)
+            if gate and float(F.log_softmax(logits.float(), -1)[tid]) < self.min_logp:
                 break
             toks.append(tid)
-            if i == self.k - 1:
+            if i == k - 1:
                 break
             # Draft index committed+i consumes (own output, drafted token); sequence position = index.
-            emb = self._embed_drafts(torch.tensor([[tid]], device=w.device), w.dtype)
+            # The drafted token is embedded by its target id (never the row numbered by the draft id).
+            emb = d.embed((tid + d2t[tid])[None]).to(w.dtype)
             x = d.step_input(out[None, None], emb, 1)
-            pos = torch.tensor([self.committed + i], device=w.device)
-            o, kv = self._run(x, emb, pos, None)
-            self._append(kv)
-            out = o[0, -1]
+            pos = self._positions[self.committed + i:self.committed + i + 1]
+            out = self._run(x, emb, pos, None)[0, -1]
         if not toks:
             return DraftTree.empty()
-        return DraftTree.chain(self._to_target(torch.tensor(toks)))
+        return DraftTree.chain(self._to_target(torch.cat(toks)))
 
     def _tree(self, d, w) -> DraftTree:
         dev = w.device
@@ -212,8 +291,7 @@ class EagleProposer(Proposer):
             emb = self._embed_drafts(torch.tensor([[tok[n] for n in frontier]], device=dev), w.dtype)
             x = d.step_input(hid, emb, 1)
             pos = torch.tensor([self.committed + depth[n] - 1 for n in frontier], device=dev)
-            o, kv = self._run(x, emb, pos, mask.to(dev))
-            self._append(kv)
+            o = self._run(x, emb, pos, mask.to(dev))
             for r, node in enumerate(frontier):
                 slot[node] = base - self.committed + r
                 parent_out[node] = o[0, r]
