@@ -48,6 +48,10 @@ def parse_args(argv):
     ap.add_argument("--questions", default=None, help="question file (default: the shipped Spec-Bench)")
     ap.add_argument("--out", default="checkpoints/medusa_quality")
     ap.add_argument("--extra", action="append", default=[], help="recipe override for every variant")
+    ap.add_argument("--cost-vocab", default="2048,4096,8192,0",
+                    help="head vocabularies whose draft cost (untrained heads: cost does not depend on the weights) "
+                         "is measured too; 0 = full")
+    ap.add_argument("--cost-only", action="store_true", help="only the draft-cost sweep (no training)")
     return ap.parse_args(argv)
 
 
@@ -100,6 +104,22 @@ def draft_cost(drafter, target, reps: int = 200) -> dict:
             "macs_fraction": round(head_macs / target_macs, 4), "goal_fraction": 0.05}
 
 
+def cost_sweep(args) -> dict:
+    from specdistill import drafters, targets
+    from specdistill.drafters.medusa import MedusaConfig
+    from specdistill.train.logging import stdout_to_stderr
+
+    with stdout_to_stderr():
+        target = targets.load(args.target)
+        out = {}
+        for vd in [int(v) for v in args.cost_vocab.split(",") if v.strip()]:
+            for k in (3, 4):
+                d = drafters.build(MedusaConfig(draft_vocab_size=vd, num_heads=k), target).eval()
+                d.vocab_map_ready.fill_(True)  # cost only: the first Vd ids stand in for a fitted map
+                out[f"heads{k}_vocab{vd or target.vocab_size}"] = draft_cost(d, target)
+        return out
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from specdistill.train.logging import stdout_to_stderr
@@ -110,7 +130,9 @@ def main(argv=None):
     results = {"command": "python benchmarks/medusa_quality.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                "minutes": args.minutes, "variants": {}}
     recipe = runpy.run_path(str(ROOT / "recipes" / "medusa.py"), run_name="recipe")["main"]
-    for name in [v for v in args.variants.split(",") if v]:
+    if args.cost_vocab:
+        results["draft_cost_by_head_vocab"] = cost_sweep(args)
+    for name in [v for v in args.variants.split(",") if v and not args.cost_only]:
         run_dir = out / name
         ov = [f"train.output_dir={run_dir}", f"target.name={args.target}", f"data.source={args.data}",
               "train.micro_batch_size=2", "train.warmup_steps=5", f"train.max_minutes={args.minutes}", "train.max_steps=1000000",

@@ -33,7 +33,7 @@ def score(target, drafter: str, out: str | Path | None = None, *, questions: str
           limit_per_category: int = 0, limit: int = 0, categories: str = "", max_new_tokens: int = 128,
           temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, num_draft_tokens: int = 5,
           tree: str | None = None, draft_confidence: float = 0.0, baseline: bool = True, progress: bool = True,
-          quiet: bool = False, adaptive: bool = False) -> dict:
+          quiet: bool = False, adaptive: bool = False, acceptance: str = "standard") -> dict:
     """Decode the questions with `drafter` (a --drafter spec: path, pld, hf:, truncated:) and plainly, on
     `target`; write eval.json + eval.png to `out` (default: the drafter's directory, else cwd). With
     `adaptive` the draft length of each pass comes from verify/policy.AdaptivePolicy (0 = a plain step)."""
@@ -55,7 +55,9 @@ def score(target, drafter: str, out: str | Path | None = None, *, questions: str
         depth = len(widths) if widths else num_draft_tokens
         policy = AdaptivePolicy(VerifyCost.load_or_measure(target, max(8, depth)), max_tokens=depth)
     result = run_eval(target, proposer, qset, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_p=top_p, top_k=top_k, seed=seed, baseline=baseline, progress=progress, policy=policy)
+                      top_p=top_p, top_k=top_k, seed=seed, baseline=baseline, progress=progress, policy=policy,
+                      acceptance=acceptance)
+    result["overall"]["lossless"] = acceptance == "standard"  # typical acceptance changes the output distribution
     drafter_path = Path(drafter).expanduser()
     out = Path(out) if out else (drafter_path if drafter_path.is_dir() else Path.cwd())
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +69,7 @@ def score(target, drafter: str, out: str | Path | None = None, *, questions: str
         "categories": categories, "max_new_tokens": max_new_tokens, "temperature": temperature,
         "top_p": top_p, "top_k": top_k, "seed": seed, "num_draft_tokens": num_draft_tokens,
         "tree": list(widths) if widths else None, "draft_confidence": draft_confidence, "baseline": baseline,
-        "adaptive": policy.summary() if policy is not None else None,
+        "adaptive": policy.summary() if policy is not None else None, "acceptance": acceptance,
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "command": shlex.join(sys.argv), "seconds": time.time() - t0,
@@ -91,7 +93,8 @@ def main(args) -> dict:
                  limit=args.limit, categories=args.categories, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                  num_draft_tokens=args.num_draft_tokens, tree=args.tree, draft_confidence=args.draft_confidence,
-                 baseline=not args.no_baseline, progress=not args.no_progress, adaptive=args.adaptive)
+                 baseline=not args.no_baseline, progress=not args.no_progress, adaptive=args.adaptive,
+                 acceptance=args.acceptance)
 def add_arguments(p) -> None:
     p.add_argument("--target", default="default", help="target: default, HF id/dir or .gguf (as in target.name)")
     p.add_argument("--drafter", required=True,
@@ -116,6 +119,8 @@ def add_arguments(p) -> None:
                    help="adaptive policy: each pass drafts as many tokens as the measured verify cost and the "
                         "drafter's running acceptance say pay, none (a plain step) when drafting does not; "
                         "lossless (it only sets draft lengths)")
+    p.add_argument("--acceptance", choices=("standard", "typical"), default="standard",
+                   help="typical = Medusa's lossy typical acceptance (eval.json: lossless false, no identity claim)")
     p.add_argument("--no-baseline", action="store_true", help="skip plain decoding (no speed-up, no identity check)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--no-progress", action="store_true")

@@ -45,7 +45,7 @@ def _figures(spec: list[GenerationResult], base: list[GenerationResult]) -> dict
 
 def run_eval(target, proposer, questions, max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int = 0, baseline: bool = True,
-             progress: bool = True, warmup: bool = True, policy=None) -> dict:
+             progress: bool = True, warmup: bool = True, policy=None, acceptance: str = "standard") -> dict:
     """Decode every question with `proposer` (and plainly as the baseline); return all figures.
 
     `questions` is a QuestionSet or a list of Question. The result is what eval.json holds, minus
@@ -55,7 +55,7 @@ def run_eval(target, proposer, questions, max_new_tokens: int = 128, temperature
     if not qs:
         raise ValueError("run_eval: no questions to evaluate")
     tok = target.tokenizer
-    ver = Verifier(target)
+    ver = Verifier(target, acceptance=acceptance)  # typical: lossy, never compared to greedy
     eos = eos_ids(target, None)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     if warmup:  # first calls pay for allocator growth and lazy init; keep them out of the timings
@@ -98,7 +98,8 @@ def run_eval(target, proposer, questions, max_new_tokens: int = 128, temperature
                 "tau": r.tau, "accepted_per_step": r.accepted_per_step, "wall_time_s": r.wall_time,
                 "draft_time_s": r.draft_time, "verify_time_s": r.verify_time, "stop_reason": r.stop_reason,
                 "baseline_wall_time_s": b.wall_time if b else None,
-                "identical_to_greedy": (r.tokens == b.tokens) if (b is not None and temperature == 0) else None,
+                "identical_to_greedy": (r.tokens == b.tokens) if (b is not None and temperature == 0
+                                                                   and acceptance == "standard") else None,
                 "answer": spec_msgs[-1]["content"],
             })
             if bar is not None:

@@ -91,3 +91,25 @@ def accept_sampling(probs: torch.Tensor, tokens: list[int], kids: dict[int, list
                 p = p / total
         if not moved:
             return path, int(torch.multinomial(p, 1, generator=generator))
+
+
+def accept_typical(probs: torch.Tensor, tokens: list[int], kids: dict[int, list[int]], threshold: float = 0.09,
+                   alpha: float = 0.3, generator: torch.Generator | None = None) -> tuple[list[int], int]:
+    """Medusa's typical acceptance (Cai et al. 2024, arXiv 2401.10774, Sec. 2.3.1), a LOSSY rule: a drafted
+    token x is accepted iff p(x) > min(threshold, alpha * exp(-H(p))), H the entropy of the target's row
+    (released code: log(p + 1e-5)); among a node's accepted children the most likely one is followed. The
+    bonus token is the argmax of the last row (generator None) or a sample from it. Defaults: the
+    released code's posterior_threshold 0.09 and posterior_alpha 0.3. Not the target's distribution."""
+    path: list[int] = []
+    node, row = -1, 0
+    while True:
+        p = probs[row]
+        ent = -(p * torch.log(p + 1e-5)).sum()
+        bar = min(threshold, alpha * float(torch.exp(-ent)))
+        ok = [c for c in kids[node] if float(p[tokens[c]]) > bar]
+        if not ok:
+            bonus = int(p.argmax()) if generator is None else int(torch.multinomial(p, 1, generator=generator))
+            return path, bonus
+        nxt = max(ok, key=lambda c: (float(p[tokens[c]]), -c))
+        path.append(nxt)
+        node, row = nxt, nxt + 1

@@ -70,7 +70,13 @@ def eos_ids(target, eos_token_ids=None) -> set[int]:
 class Verifier:
     """Speculative (and plain) decoding of one prompt at a time with a frozen TargetModel."""
 
-    def __init__(self, target):
+    def __init__(self, target, acceptance: str = "standard", typical_threshold: float = 0.09,
+                 typical_alpha: float = 0.3):
+        """`acceptance`: standard (greedy prefix matching / lossless rejection sampling) or typical, Medusa's
+        *lossy* rule (sampling.accept_typical; the output is no longer the target's distribution)."""
+        if acceptance not in ("standard", "typical"):
+            raise ValueError(f"Verifier acceptance ({acceptance!r}) must be standard or typical")
+        self.acceptance, self.typical = acceptance, (typical_threshold, typical_alpha)
         self.target = target
         self.model = target.model
         self.vocab_size = target.vocab_size
@@ -200,7 +206,11 @@ class Verifier:
                     capture.active = False
                 logits = lm_head(h[0, pending - 1:])  # (n+1, V): rows of the root and of each node
                 kids = treeops.children(parents)
-                if temperature > 0:
+                if self.acceptance == "typical":  # lossy, explicit opt-in only
+                    probs = sampling.warp(logits, temperature or 1.0, top_p, top_k)
+                    path, bonus = sampling.accept_typical(probs, dtokens, kids, *self.typical,
+                                                          generator if temperature > 0 else None)
+                elif temperature > 0:
                     probs = sampling.warp(logits, temperature, top_p, top_k)
                     path, bonus = sampling.accept_sampling(probs, dtokens, kids, draft.probs, generator)
                 else:

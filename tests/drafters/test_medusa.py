@@ -278,6 +278,31 @@ def test_medusa1_recipe_exports_and_reloads_bit_identical(tiny, tmp_path):
         if k.startswith(("blocks.", "lm_heads.", "d2t", "t2d")):
             assert torch.equal(v, vll.state_dict()[k]), k
     _engine_logits_match(root / "vllm_medusa", nat, target)
+    from specdistill import scoring
+
+    q = str(tiny / "q.jsonl")
+    std = scoring.score(target, str(root / "native"), tmp_path / "std", questions=q, max_new_tokens=8,
+                        progress=False, quiet=True)
+    assert std["overall"]["lossless"] is True and std["overall"]["identical_to_greedy"] is True
+    typ = scoring.score(target, str(root / "native"), tmp_path / "typ", questions=q, max_new_tokens=8,
+                        progress=False, quiet=True, acceptance="typical")
+    assert typ["overall"]["lossless"] is False and typ["overall"]["identical_to_greedy"] is None
+    assert typ["settings"]["acceptance"] == "typical"
+
+
+def test_typical_acceptance_rule_by_hand():
+    from specdistill.verify import sampling
+
+    # Row 0 (root): p = .5/.3/.2, H ~ 1.03 nats, bar = min(.09, .3 * e^-H ~ .107) = .09: children 1 and 2 pass,
+    # the more likely (token 1, p .3) is followed; row 2 (node 1) is flat over 3 tokens: bar = min(.09, .1) =
+    # .09 and token 0 (p 1/3) passes; node 2 has no child, so the bonus is row 3's argmax (token 2).
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 1.0], [1 / 3, 1 / 3, 1 / 3, 0.0], [0, 0, 1.0, 0]])
+    kids = {-1: [0, 1], 0: [], 1: [2], 2: []}
+    path, bonus = sampling.accept_typical(probs, [2, 1, 0], kids)
+    assert path == [1, 2] and bonus == 2
+    # a token below the bar is rejected even when it is the only child: greedy bonus = argmax
+    path, bonus = sampling.accept_typical(probs, [3], {-1: [0], 0: []})
+    assert path == [] and bonus == 0
 
 
 def _engine_logits_match(path, drafter, target):
