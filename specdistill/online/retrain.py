@@ -234,6 +234,8 @@ def _train(cfg, ocfg, serving: Path, run_dir: Path, train_file: Path):
     cfg.train.output_dir = str(run_dir / "train")
     cfg.train.init_from = str(serving.resolve())
     cfg.train.resume = False
+    n = sum(1 for _ in open(train_file, encoding="utf-8"))
+    cfg.train.micro_batch_size = max(1, min(cfg.train.micro_batch_size, n // max(1, cfg.train.grad_accum)))
     run = pipeline.train_drafter(cfg)
     _fault("train")
     written = export.write(run.drafter, cfg.export, run_dir / "export", run.target)
