@@ -284,3 +284,28 @@ def test_second_run_refused_by_the_lock_and_stale_lock_taken_over(world, tmp_pat
     (state / ".lock").write_text("999999 deadhost 2026-01-01T00:00:00\n")  # a holder that died (no flock)
     r = _run(world, serving, logs)
     assert r["decision"] == "no_new_data" and r["stale_lock_taken_over"].startswith("999999")
+
+
+def test_retrain_warm_starts_a_small_lm_drafter(world, tmp_path):
+    """The same round for the small_lm family: the drafter section comes from the serving export."""
+    from specdistill import config, drafters, export, pipeline
+
+    if "small_lm" not in drafters.REGISTRY:
+        pytest.skip("small_lm family not registered in this build")
+    root = world["root"]
+    cfg = config.load("seqkd", [f"target.name={world['target']}", f"data.source={root / 'convs.jsonl'}",
+                                f"data.prepared_dir={root}/p2", "data.max_length=64", "data.min_loss_tokens=2",
+                                "drafter.keep_layers=[0,1]", f"train.output_dir={tmp_path}/seqkd", "train.max_steps=1",
+                                "train.trackers=[none]", "train.progress=false", "train.mixed_precision=no",
+                                "train.save_every=0", "train.eval_every=0", "export.formats=[native]"])
+    run = pipeline.train_drafter(cfg)
+    native = export.write(run.drafter, cfg.export, tmp_path / "seqkd_export", run.target)["native"]
+    serving, logs = tmp_path / "serving", tmp_path / "logs"
+    serving.symlink_to(native)
+    logs.mkdir()
+    _write(logs / "q.jsonl", "".join(_line(i) for i in range(8)))
+    r = _run(world, serving, logs, "online.min_tau_gain=-100")
+    assert r["decision"] == "promoted" and r["train"]["steps"] == 2, r
+    meta = json.loads((serving / "specdistill_export.json").read_text())
+    assert meta["family"] == "small_lm" and meta["drafter_config"]["keep_layers"] == [0, 1]
+    assert os.readlink(serving) != str(native) and _tree_hash(native) != _tree_hash(serving)
