@@ -25,6 +25,12 @@ The ramp needs the optimisation step, which the Trainer does not pass to `loss`:
 micro-batch), so a resumed run continues the ramp exactly. `ramp_steps` therefore counts loss
 calls; the recipe sets it to train.max_steps * train.grad_accum when left at 0.
 
+Hydra (variant=hydra, Ankner et al. 2024, arXiv 2402.05109): head k reads concat(h_t, E(x_{t+1}), ...,
+E(x_{t+k})) ((k+1)H wide, E = the target's frozen embedding); its first block maps it to H with a learned
+linear residual, y = R in + SiLU(W in + b) (R starts as the identity on h_t, W at zero), then L-1
+ResBlocks. Training is teacher-forced on the data's tokens; drafting is sequential down the tree (a
+node's head reads its ancestors' tokens). Hydra++'s prefix decoder layer is not built.
+
 Held-out accuracies per head and rank (FAMILIES.md A5) are counted on every validation pass
 (eval-mode `loss` calls; the counts of the latest pass are kept, persisted with the weights) or by
 `measure_accuracy`; the static sparse tree is built from them (`sparse_tree`).
@@ -49,7 +55,7 @@ from specdistill.verify.proposer import DraftTree, Proposer, ProposerOptions, Pr
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("medusa1", "medusa2")
+VARIANTS = ("medusa1", "medusa2", "hydra")
 AUTO_VOCAB = 8192  # reduced head vocabulary on targets with a larger vocabulary (drafter.draft_vocab_size=-1)
 
 
@@ -58,7 +64,8 @@ class MedusaConfig:
     name: str = "medusa"
     """Registry key of the family."""
     variant: str = "medusa1"
-    """medusa1 (target frozen) or medusa2 (LoRA on the target, trained jointly)."""
+    """medusa1 (target frozen), medusa2 (LoRA on the target, trained jointly) or hydra (heads also read the
+    embeddings of the earlier tokens of the draft, Hydra arXiv 2402.05109; target frozen, native export only)."""
     num_heads: int = 4
     """K heads; head k predicts the token k+1 positions ahead."""
     num_layers: int = 1
@@ -196,10 +203,19 @@ class MedusaDrafter(Drafter):
             blk.layers = nn.ModuleList([nn.Linear(h, h, bias=True) for _ in range(cfg.num_layers)])
             for lin in blk.layers:
                 nn.init.zeros_(lin.weight)  # the bias keeps its default init (FAMILIES.md D5.1)
+        if cfg.variant == "hydra":  # head k0 (0-based) reads (k0 + 2) H features: h_t and k0 + 1 embeddings
+            for k0, blk in enumerate(self.blocks):
+                blk.layers[0] = nn.Linear((k0 + 2) * h, h, bias=True)
+                nn.init.zeros_(blk.layers[0].weight)
+                blk.res = nn.Linear((k0 + 2) * h, h, bias=False)
+                with torch.no_grad():
+                    blk.res.weight.zero_()
+                    blk.res.weight[:, :h].copy_(torch.eye(h))
         self.lm_heads = nn.ModuleList([nn.Linear(h, vd, bias=False) for _ in range(k)])
         self._target = [target]  # a list: the target is not a submodule of the drafter
         head = target.lm_head.weight
-        self._frozen = {"head": head.detach(), "norm": target.final_norm.weight.detach()}
+        self._frozen = {"head": head.detach(), "norm": target.final_norm.weight.detach(),
+                        "embed": target.embed_tokens.weight.detach()}
         self.target_norm_eps = float(getattr(target.final_norm, "variance_epsilon", 1e-5))
         self.register_buffer("d2t", torch.zeros(vd, dtype=torch.int64))
         self.register_buffer("t2d", torch.arange(v) < vd)
@@ -281,11 +297,23 @@ class MedusaDrafter(Drafter):
 
     # -- forward ------------------------------------------------------------------------------
 
-    def head_logits(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """Head k's (0-based) logits over the draft vocabulary from final-normed hidden states x (..., H)."""
-        for lin in self.blocks[k].layers:
+    def head_logits(self, k: int, x: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Head k's (0-based) logits over the draft vocabulary from final-normed hidden states x (..., H).
+        hydra: `prev` (..., k+1) are the target ids of the k+1 tokens after x's position (teacher-forced or drafted)."""
+        layers = self.blocks[k].layers
+        if self.cfg.variant == "hydra":
+            if prev is None or prev.shape[-1] != k + 1:
+                raise ValueError(f"hydra head {k} needs the {k + 1} earlier tokens of the draft")
+            e = F.embedding(prev, self._frozen["embed"]).to(x.dtype).flatten(-2)
+            inp = torch.cat([x, e], -1)
+            x = self.blocks[k].res(inp) + F.silu(layers[0](inp))
+            layers = layers[1:]
+        for lin in layers:
             x = x + F.silu(lin(x))
         return self.lm_heads[k](x)
+
+    def export_formats(self) -> tuple[str, ...]:
+        return ("native",) if self.cfg.variant == "hydra" else tuple(self.spec.export_formats)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The target's final RMSNorm (what turns hidden state N into the vector its LM head reads)."""
@@ -377,14 +405,21 @@ class MedusaDrafter(Drafter):
         return build_sparse_tree(acc, budget or self.cfg.tree_budget, depth or self.cfg.depth(),
                                  max_child or self.cfg.tree_max_child)
 
-    def _count_accuracy(self, h, b, p, greedy):
+    def _prev(self, ids, b, t, k):
+        """hydra: the target ids x_{t+1..t+k} each head-k row reads (None for Medusa heads)."""
+        if self.cfg.variant != "hydra":
+            return None
+        return ids[b[:, None], t[:, None] + 1 + torch.arange(k, device=ids.device)]
+
+    def _count_accuracy(self, h, b, p, greedy, ids):
         """Add top-r hits of every head at (b, p - k) against the target's greedy token at p (target id)."""
         r = self.cfg.tree_max_child
         for k in range(1, self.cfg.num_heads + 1):
             valid = p - k >= 0
             if not bool(valid.any()):
                 continue
-            z = self.head_logits(k - 1, h[b[valid], (p - k)[valid]]).float()
+            bv, tv = b[valid], (p - k)[valid]
+            z = self.head_logits(k - 1, h[bv, tv], self._prev(ids, bv, tv, k)).float()
             top = self.draft_ids[z.topk(min(r, z.shape[-1]), -1).indices]  # (n, r) target ids
             hits = (top == greedy[valid][:, None]).sum(0)
             self.acc_counts[k - 1, : hits.numel()] += hits.to(self.acc_counts.dtype)
@@ -403,7 +438,7 @@ class MedusaDrafter(Drafter):
             b, p = sel.nonzero(as_tuple=True)
             h = out.last_hidden.to(self.lm_heads[0].weight.dtype)
             greedy = target.lm_head(out.last_hidden[b, p]).argmax(-1)
-            self._count_accuracy(h, b, p, greedy)
+            self._count_accuracy(h, b, p, greedy, batch["input_ids"])
         return self.head_accuracy()
 
     # -- training -------------------------------------------------------------------------------
@@ -450,7 +485,8 @@ class MedusaDrafter(Drafter):
             valid = p - k >= 0
             if not bool(valid.any()):
                 break
-            z = self.head_logits(k - 1, hd[b[valid], (p - k)[valid]])
+            bv, tv = b[valid], (p - k)[valid]
+            z = self.head_logits(k - 1, hd[bv, tv], self._prev(ids, bv, tv, k))
             if cfg.labels == "soft":
                 ce, top = losses.forward_kl_chunked(z, t_prob[valid], t_negent[valid])
                 ce = ce.sum()
@@ -474,7 +510,7 @@ class MedusaDrafter(Drafter):
         else:
             with torch.no_grad():
                 greedy = F.linear(h[b, p].detach().float(), self._frozen["head"].float()).argmax(-1)
-                self._count_accuracy(hd.detach(), b, p, greedy)
+                self._count_accuracy(hd.detach(), b, p, greedy, ids)
         return LossOutput(total, n0, metrics)
 
     def _base_loss(self, batch, h, b, p, label) -> torch.Tensor:
@@ -521,6 +557,7 @@ class MedusaProposer(Proposer):
     head k's warped distribution, recorded in DraftTree.probs so the verifier's rejection rule stays
     lossless). mode=tree: the static sparse tree of `MedusaDrafter.sparse_tree` (node (r_1..r_d) =
     head d's rank-r_d token under node (r_1..r_{d-1})); deterministic, distinct siblings, probs=None.
+    hydra: the same shapes, drafted sequentially: head d reads the root and the node's ancestors' tokens.
     """
 
     def __init__(self, drafter: MedusaDrafter, mode: str = "tree", depth: int = 4, budget: int = 16,
@@ -559,6 +596,8 @@ class MedusaProposer(Proposer):
             return DraftTree.empty()
         w = d.lm_heads[0].weight
         x = d.final_norm(hid.reshape(-1, hid.shape[-1])[-1].to(w.device, w.dtype))
+        if d.cfg.variant == "hydra":
+            return self._hydra(x, int(state.tokens[-1]))
         if self.mode == "chain":
             z = self._head_logits(x, self.depth)
             if self.temperature <= 0:
@@ -572,6 +611,35 @@ class MedusaProposer(Proposer):
         top = z.topk(min(self.rank, z.shape[-1]), -1).indices  # (depth, rank) draft ids
         ids = top[self.depth_index, self.rank_index.clamp_max(top.shape[-1] - 1)]
         return DraftTree(d.to_target_ids(ids).cpu(), self.parents.clone())
+
+    def _hydra(self, x: torch.Tensor, root: int) -> DraftTree:
+        d = self.drafter
+        dev = x.device
+        if self.mode == "chain":
+            toks, rows = [root], []
+            for k in range(self.depth):
+                z = d.head_logits(k, x, torch.tensor(toks, device=dev))
+                if self.temperature <= 0:
+                    toks.append(int(d.to_target_ids(z.argmax(-1))))
+                    continue
+                full = torch.full((d.vocab_size,), float("-inf"))
+                full[d.draft_ids.cpu()] = z.float().cpu()
+                q = sampling.warp(full, self.temperature, self.top_p, self.top_k)
+                rows.append(q)
+                toks.append(int(torch.multinomial(q, 1, generator=self.generator)))
+            return DraftTree.chain(toks[1:], probs=torch.stack(rows) if rows else None)
+        tok_of: dict[tuple, int] = {}
+        tops: dict[tuple, torch.Tensor] = {}
+        out = []
+        for path in self.paths:  # topological: a node's ancestors are drafted before it
+            pre = path[:-1]
+            if pre not in tops:
+                prev = torch.tensor([root] + [tok_of[pre[:i + 1]] for i in range(len(pre))], device=dev)
+                z = d.head_logits(len(pre), x, prev)
+                tops[pre] = d.to_target_ids(z.topk(min(self.rank, z.shape[-1])).indices)
+            tok_of[path] = int(tops[pre][min(path[-1], tops[pre].numel() - 1)])
+            out.append(tok_of[path])
+        return DraftTree(torch.tensor(out, dtype=torch.long), self.parents.clone())
 
 
 # ---------------------------------------------------------------------------------------------

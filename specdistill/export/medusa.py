@@ -44,6 +44,8 @@ def _gap(drafter) -> str | None:
     name = common.spec_of(drafter).name
     if name != "medusa":
         return f"only Medusa heads can be written in this layout (drafter {name!r})"
+    if drafter.variant == "hydra":
+        return "Hydra heads read the draft's earlier tokens; no engine serves them (native export only)"
     return None
 
 

@@ -164,7 +164,8 @@ def test_greedy_is_identical_to_the_target(target, batch, mode):
         assert max(res.draft_size_per_step) == (3 if mode == "chain" else 8)
 
 
-def test_sampling_chain_is_lossless_chi_square():
+@pytest.mark.parametrize("variant", ["medusa1", "hydra"])
+def test_sampling_chain_is_lossless_chi_square(variant):
     from test_verify import assert_matches
 
     from specdistill.verify import sampling
@@ -172,7 +173,7 @@ def test_sampling_chain_is_lossless_chi_square():
     target = TargetModel(make_llama(vocab_size=16, hidden=32, seed=11), make_tokenizer(), name="v16")
     with torch.no_grad():
         target.model.model.norm.weight.mul_(4.0)
-    d = _medusa(target, num_heads=2, draft_vocab_size=0, draft_mode="chain")
+    d = _medusa(target, num_heads=2, draft_vocab_size=0, draft_mode="chain", variant=variant)
     with torch.no_grad():
         for p in d.parameters():
             p.add_(torch.randn_like(p))  # heads far from the target: many rejections
@@ -357,3 +358,30 @@ def test_exports_contract_violations_are_caught(target, batch, tmp_path):
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in full.state_dict().items() if k.startswith(("blocks", "lm_")))
     with pytest.raises(ContractError, match="medusa_num_layers"):
         em.check_fd({"medusa_num_heads": 4, "base_model_name_or_path": "x"}, {})
+
+
+def test_hydra_heads_read_earlier_tokens_train_and_draft_losslessly(target, batch):
+    d = _medusa(target, batch, variant="hydra", num_heads=3, draft_vocab_size=64, labels="soft")
+    assert d.blocks[2].layers[0].in_features == 4 * target.hidden_size  # h_t + 3 embeddings
+    x = d.final_norm(torch.randn(target.hidden_size))
+    a = d.head_logits(1, x, torch.tensor([5, 6]))
+    assert torch.allclose(a, d.head_logits(1, x, torch.tensor([5, 7])))  # fresh: R = identity on h, W = 0
+    losses = _train(d, target, batch, steps=25)
+    assert losses[-1] < 0.5 * losses[0]
+    a = d.head_logits(1, x, torch.tensor([5, 6]))
+    assert not torch.allclose(a, d.head_logits(1, x, torch.tensor([5, 7])))  # trained: the drafted token matters
+    assert d.export_formats() == ("native",) and "native export only" in em._gap(d)
+    d.eval()
+    ver = Verifier(target)
+    for mode in ("chain", "tree"):
+        prop = d.proposer(target, None, mode=mode, depth=3, budget=8, max_child=3)
+        for prompt in ([1, 4, 5, 6], batch["input_ids"][1, :8].tolist()):
+            ref = ver.generate(prompt, None, max_new_tokens=20, eos_token_ids=NO_EOS)
+            assert ver.generate(prompt, prop, max_new_tokens=20, eos_token_ids=NO_EOS).tokens == ref.tokens
+
+
+def test_hydra_recipe_exports_native_only(tiny, tmp_path):
+    main = runpy.run_path(str(config.REPO_ROOT / "recipes" / "medusa.py"), run_name="recipe")["main"]
+    out = tmp_path / "hydra"
+    main(_overrides(tiny, out, 2, "drafter.variant=hydra"))
+    assert sorted(p.name for p in (out / "export").iterdir()) == ["native"]
