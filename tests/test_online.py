@@ -192,8 +192,10 @@ def _run(world, serving, logs, *extra):
 
 def test_retrain_end_to_end_trains_once_gates_and_appends(world, tmp_path):
     serving, logs = _setup(world, tmp_path)
-    r1 = _run(world, serving, logs, "online.min_tau_gain=-100")  # any lossless challenger passes
+    pub = tmp_path / "published"
+    r1 = _run(world, serving, logs, "online.min_tau_gain=-100", f"online.publish_to={pub}")  # any lossless one passes
     assert r1["decision"] == "promoted", r1
+    assert r1["publish"]["to"] == str(pub) and (pub / "README.md").exists() and (pub / "eval.json").exists()
     assert r1["ingest"]["new_records"] == 8 and r1["ingest"]["held_out"] == 2 and r1["train"]["steps"] == 2
     assert r1["scores"]["challenger"]["identical_to_greedy"] is True and r1["scores"]["held_out_questions"] == 2
     assert serving.is_symlink() and Path(r1["release"]) == serving.resolve()

@@ -285,6 +285,7 @@ def run(cfg, ocfg: OnlineConfig) -> dict:
         st = load_state(state, ocfg)
         counter = SkipCounter()
         records, ledger, events = st["ledger"].scan(ocfg.logs, counter)
+        counter.kept = len(records)
         report["ingest"] = {"new_records": len(records), "files": events, **counter.to_dict()}
         _fault("ingest")
         target = None
