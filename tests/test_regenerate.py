@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from specdistill.data import regenerate as rg
@@ -113,12 +114,12 @@ def test_finished_conversations_survive_an_interruption(tmp_path, tiny_target, t
     monkeypatch.setattr(rg.Generator, "generate", flaky)
     out = tmp_path / "r.jsonl"
     try:
-        rg.regenerate([short, long], tiny_target, out, max_new_tokens=3, batch_size=2)
+        rg.regenerate([short, long], tiny_target, out, max_new_tokens=3, batch_size=2, engine="hf")
     except KeyboardInterrupt:
         pass
     assert [r["id"] for r in _lines(out)] == ["s"]  # written the moment its only turn was done
     monkeypatch.setattr(rg.Generator, "generate", real)
-    s = rg.regenerate([short, long], tiny_target, out, max_new_tokens=3, batch_size=2)
+    s = rg.regenerate([short, long], tiny_target, out, max_new_tokens=3, batch_size=2, engine="hf")
     assert s["skipped_done"] == 1 and [r["id"] for r in _lines(out)] == ["s", "l"]
 
 
@@ -145,6 +146,60 @@ def test_rounds_stay_full_as_conversations_finish(tmp_path, tiny_target, tiny_co
         return orig(self, prompts, call_index)
 
     monkeypatch.setattr(rg.Generator, "generate", spy)
-    s = rg.regenerate(convs, tiny_target, tmp_path / "r.jsonl", max_new_tokens=2, batch_size=4)
+    s = rg.regenerate(convs, tiny_target, tmp_path / "r.jsonl", max_new_tokens=2, batch_size=4, engine="hf")
     assert s["written"] == 12 and s["turns"] == 18 and sum(sizes) == 18
     assert sizes[:3] == [4, 4, 4], sizes
+
+
+def test_static_engine_gives_the_hf_engines_greedy_answers(tmp_path, tiny_target, tiny_conversations, monkeypatch):
+    """The static engine (preallocated cache, rows refilled in flight, packing, narrowing) writes the same
+    greedy records as rounds of padded HF generate, at another batch size, with a cache small enough
+    that the live columns get packed."""
+    from conftest import make_llama, make_tokenizer
+
+    from specdistill.targets import TargetModel
+
+    model = make_llama(seed=2)
+    with torch.no_grad():  # sharper than the default init, whose greedy text is one token repeated
+        for w in model.parameters():
+            if w.dim() == 2:
+                w.mul_(6.0)
+    tiny_target = TargetModel(model, make_tokenizer(), name="tiny-sharp")
+    convs = [dict(c, conversations=c["conversations"][:2] if i % 3 else c["conversations"])
+             for i, c in enumerate(tiny_conversations[:10])]
+    kw = {"max_new_tokens": 7, "max_prompt_tokens": 200}
+    h = rg.regenerate(convs, tiny_target, tmp_path / "hf.jsonl", batch_size=4, engine="hf", **kw)
+    packs = []
+    real_init, real_pack = rg.StaticBatch.__init__, rg.StaticBatch._pack
+    monkeypatch.setattr(rg.StaticBatch, "__init__", lambda self, *a, **k: real_init(self, *a, columns=212))
+    monkeypatch.setattr(rg.StaticBatch, "_pack", lambda self: (packs.append(self.t), real_pack(self))[1])
+    s = rg.regenerate(convs, tiny_target, tmp_path / "st.jsonl", batch_size=3, engine="static", **kw)
+    assert s["engine"] == "static" and h["engine"] == "hf" and len(packs) >= 1
+    assert s["turns"] == h["turns"] == 14 and s["generated_tokens"] == h["generated_tokens"]
+    a, b = (sorted(_lines(tmp_path / f"{x}.jsonl"), key=lambda r: r["id"]) for x in ("st", "hf"))
+    assert a == b  # (written in another order: conversations finish at other times)
+    answers = {m["value"] for r in a for m in r["conversations"] if m["from"] == "gpt"}
+    assert len(answers) > 5  # varied text, not one repeated token
+
+
+def test_static_engine_keeps_finished_conversations_on_interruption(tmp_path, tiny_target, tiny_conversations,
+                                                                   monkeypatch):
+    short = {"id": "s", "conversations": tiny_conversations[0]["conversations"][:2]}
+    long = dict(tiny_conversations[1], id="l")
+    real = rg.StaticBatch.step
+    calls = []
+
+    def flaky(self, tokens, active):
+        calls.append(1)
+        if len(calls) == 5:  # after the short conversation's 3 tokens, inside the long one's 2nd turn
+            raise KeyboardInterrupt
+        return real(self, tokens, active)
+
+    monkeypatch.setattr(rg.StaticBatch, "step", flaky)
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        rg.regenerate([short, long], tiny_target, out, max_new_tokens=3, batch_size=2, engine="static")
+    assert [r["id"] for r in _lines(out)] == ["s"]
+    monkeypatch.setattr(rg.StaticBatch, "step", real)
+    s = rg.regenerate([short, long], tiny_target, out, max_new_tokens=3, batch_size=2, engine="static")
+    assert s["skipped_done"] == 1 and [r["id"] for r in _lines(out)] == ["s", "l"]

@@ -4,8 +4,10 @@
 
 Drafters trained on the target's own text accept more (SpecForge #192/PR #223 report about +10%
 acceptance length; EAGLE #228). For each conversation, turn by turn, the target answers the user
-given the conversation so far (earlier assistant turns already replaced by its own answers), with
-batched, left-padded HF `generate` across conversations.
+given the conversation so far (earlier assistant turns already replaced by its own answers). The
+static engine (`StaticBatch`, the default for Llama-layout targets) decodes up to --batch-size turns at
+once over a preallocated KV cache and refills a row the moment its turn ends; `--engine hf` runs
+rounds of batched, left-padded HF `generate` instead. Greedy answers are the same from both.
 
 Output: `data/regenerated/<source>-<key>.jsonl`, one ShareGPT record a line (a valid `data.source`):
     {"id", "conversations": [{"from": "system"|"human"|"gpt", "value"}], "regenerated": {...}}
@@ -123,11 +125,150 @@ class Generator:
         return res
 
 
+STATIC_MODEL_TYPES = ("llama", "mistral", "qwen2")
+"""Decoder families whose layers the static engine runs (Llama layout: q/k/v/o_proj, RoPE, no q/k norms)."""
+
+
+def static_supported(target) -> bool:
+    cfg = target.model.config
+    return (getattr(cfg, "model_type", "") in STATIC_MODEL_TYPES and not getattr(cfg, "sliding_window", None)
+            and hasattr(target.model, "model") and hasattr(target.model.model, "layers"))
+
+
+class StaticBatch:
+    """Continuous-batching greedy/sampled decoding over a preallocated KV cache (the static engine).
+
+    `slots` rows share one column clock: every decode step writes column `t` of every row's cache
+    and each row attends to its own live columns (a boolean mask), so a row whose turn ends is
+    refilled at once: its next prompt is prefilled alone (no padding) into the columns just before
+    `t`, its keys carrying its own positions 0..L-1. When the clock reaches the end of the buffer the
+    live spans are packed to the front (one gather per layer); when rows run dry the batch is
+    narrowed to the busy ones. Nothing is reallocated per step.
+    """
+
+    def __init__(self, target, slots: int, max_prompt: int, max_new: int, columns: int = 0):
+        self.model = target.model
+        cfg = self.model.config
+        w = next(self.model.parameters())
+        self.dtype, self.device = w.dtype, w.device
+        self.layers = self.model.model.layers
+        at = self.layers[0].self_attn
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = at.head_dim
+        self.span = max_prompt + max_new + 1  # the longest a row's live columns get
+        self.S = max(columns, max_prompt + 2) if columns else 2 * self.span  # columns < 2*span: more packing
+        self.B = slots
+        shape = (slots, self.kv_heads, self.S, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.live = torch.zeros(slots, self.S, dtype=torch.bool, device=self.device)
+        self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.t = max_prompt  # room for any prompt before the first decode column
+
+    def _forward(self, ids, positions, rows, cols, mask):
+        """Hidden states (b, n, H) of tokens `ids` (b, n) at `positions` (b, n) for cache rows `rows`
+        (b,) written at columns `cols` (n,), attending with `mask` (b, 1, n, S)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        m = self.model.model
+        x = m.embed_tokens(ids)
+        cos, sin = m.rotary_emb(x, positions)
+        b, n = ids.shape
+        full = rows.numel() == self.B
+        for i, layer in enumerate(self.layers):
+            at = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = at.q_proj(h).view(b, n, -1, self.head_dim).transpose(1, 2)
+            k = at.k_proj(h).view(b, n, -1, self.head_dim).transpose(1, 2)
+            v = at.v_proj(h).view(b, n, -1, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            if full:
+                self.k[i][:, :, cols] = k
+                self.v[i][:, :, cols] = v
+                keys, vals = self.k[i], self.v[i]
+            else:
+                r = rows[0]  # a prefill: one row
+                self.k[i][r, :, cols] = k[0]
+                self.v[i][r, :, cols] = v[0]
+                keys, vals = self.k[i][r:r + 1], self.v[i][r:r + 1]
+            a = torch.nn.functional.scaled_dot_product_attention(
+                q, keys, vals, attn_mask=mask, scale=at.scaling, enable_gqa=q.shape[1] != keys.shape[1])
+            x = x + at.o_proj(a.transpose(1, 2).reshape(b, n, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return m.norm(x)
+
+    def _pack(self) -> None:
+        """Move every row's live columns to the front, right-aligned at the new clock."""
+        lens = self.live.sum(1)
+        t_new = max(int(lens.max()), 1)
+        if t_new >= self.S - 1:
+            raise RuntimeError("regenerate: a row outgrew the static cache (max_prompt_tokens + max_new_tokens)")
+        # row r: its live columns (in order) go to t_new - len_r .. t_new - 1
+        order = torch.sort((~self.live).to(torch.int8), dim=1, stable=True).indices  # live columns first
+        idx = torch.zeros(self.B, self.S, dtype=torch.long, device=self.device)
+        newlive = torch.zeros_like(self.live)
+        for r in range(self.B):
+            n = int(lens[r])
+            if n:
+                idx[r, t_new - n:t_new] = order[r, :n]
+                newlive[r, t_new - n:t_new] = True
+        g = idx[:, None, :, None].expand(self.B, self.kv_heads, self.S, self.head_dim)
+        for i in range(len(self.layers)):
+            self.k[i] = torch.gather(self.k[i], 2, g)
+            self.v[i] = torch.gather(self.v[i], 2, g)
+        self.live = newlive
+        self.t = t_new
+
+    def narrow(self, rows: list[int]) -> None:
+        """Keep only cache rows `rows` (in this order): the batch shrinks as the work runs out."""
+        ix = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.k = [k.index_select(0, ix) for k in self.k]
+        self.v = [v.index_select(0, ix) for v in self.v]
+        self.live, self.pos = self.live.index_select(0, ix), self.pos.index_select(0, ix)
+        self.B = len(rows)
+
+    def prefill(self, row: int, prompt: list[int]) -> torch.Tensor:
+        """Put `prompt` in cache row `row` (ending just before the clock); the logits (V,) of its last token."""
+        n = len(prompt)
+        if n > self.t:
+            self._pack()
+            if n > self.t:  # the packed clock is shorter than this prompt: start the row after it
+                self.t = n
+        c0 = self.t - n
+        self.live[row] = False
+        self.live[row, c0:self.t] = True
+        cols = torch.arange(c0, self.t, device=self.device)
+        mask = torch.zeros(1, 1, n, self.S, dtype=torch.bool, device=self.device)
+        mask[0, 0, :, c0:self.t] = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        ids = torch.tensor([prompt], device=self.device)
+        pos = torch.arange(n, device=self.device)[None]
+        h = self._forward(ids, pos, torch.tensor([row], device=self.device), cols, mask)
+        self.pos[row] = n
+        return self.model.lm_head(h[0, -1])
+
+    def step(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,) at the clock column; rows with active=False are ignored. Logits (B, V)."""
+        if self.t >= self.S:
+            self._pack()
+        t = self.t
+        self.live[:, t] = active
+        mask = self.live[:, None, None, :].clone()
+        mask[~active, 0, 0, t] = True  # an idle row must still see one column (its output is discarded)
+        cols = torch.tensor([t], device=self.device)
+        h = self._forward(tokens[:, None], self.pos[:, None], torch.arange(self.B, device=self.device), cols, mask)
+        self.pos += active.long()
+        self.t = t + 1
+        return self.model.lm_head(h[:, -1])
+
+
 def regenerate(conversations: Iterable, target, out_path: str | Path, *, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, max_prompt_tokens: int = 512,
-               seed: int = 0, limit: int = 0, progress: bool = False) -> dict:
+               seed: int = 0, limit: int = 0, progress: bool = False, engine: str = "auto") -> dict:
     """Regenerate every assistant turn of `conversations` (Conversation objects or ShareGPT/OpenAI dicts)
-    into `out_path` (append-only JSONL); returns counts and throughput of this call."""
+    into `out_path` (append-only JSONL); returns counts and throughput of this call.
+
+    engine: "static" (StaticBatch: preallocated KV cache, rows refilled token by token), "hf" (rounds of
+    left-padded HF `generate`), "auto" = static where the target's architecture allows it."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = done_ids(out_path)
@@ -143,23 +284,32 @@ def regenerate(conversations: Iterable, target, out_path: str | Path, *, max_new
     exhausted = False
     pool: list[dict] = []
 
-    def refill():
+    def take() -> dict | None:
+        """The next conversation still to do, as a work state; None when the source (or --limit) is done."""
         nonlocal seen, exhausted
-        while len(pool) < batch_size and not exhausted:
+        while not exhausted:
             try:
                 conv = next(it)
             except StopIteration:
                 exhausted = True
-                return
+                return None
             seen += 1
             if limit and seen > limit:
                 exhausted = True
-                return
+                return None
             cid, msgs = _as_messages(conv)
             if cid in done:
                 stats["skipped_done"] += 1
                 continue
-            pool.append({"id": cid, "msgs": msgs, "hist": [], "cursor": 0, "finish": [], "new_tokens": 0})
+            return {"id": cid, "msgs": msgs, "hist": [], "cursor": 0, "finish": [], "new_tokens": 0}
+        return None
+
+    def refill():
+        while len(pool) < batch_size:
+            st = take()
+            if st is None:
+                return
+            pool.append(st)
 
     def next_prompt(st) -> list[int] | None:
         """Move the conversation's non-assistant messages into its history; the next prompt or None if done."""
@@ -210,8 +360,31 @@ def regenerate(conversations: Iterable, target, out_path: str | Path, *, max_new
                     prompts.append(p)
                     who.append(st)
 
-    # Continuous batching: every round each conversation in the pool answers its next user turn; a
-    # finished conversation is written at once (the resume unit) and its slot refilled.
+    def turn_done(st, body: list[int], stopped: bool):
+        text = gen.tok.decode(body, skip_special_tokens=True)
+        gen.generated_tokens += len(body) + stopped
+        st["hist"].append({"role": "assistant", "content": text})
+        st["cursor"] += 1
+        st["finish"].append("stop" if stopped else "length")
+        st["new_tokens"] += len(body)
+        stats["turns"] += 1
+        stats["finish_length"] += not stopped
+
+    if engine == "auto":
+        engine = "static" if static_supported(target) else "hf"
+    if engine not in ("static", "hf"):
+        raise ValueError(f"regenerate: engine ({engine!r}) must be auto, static or hf")
+    if engine == "static" and not static_supported(target):
+        raise ValueError(f"regenerate: the static engine runs {', '.join(STATIC_MODEL_TYPES)} targets, not "
+                         f"{getattr(target.model.config, 'model_type', '?')!r}; use engine=hf")
+    stats["engine"] = engine
+    if engine == "static":
+        _static_loop(target, gen, batch_size, max_prompt_tokens, max_new_tokens, temperature, top_p, seed,
+                     take, next_prompt, write, turn_done, stats, progress, t0)
+        return _finish(stats, gen, out_path, t0)
+
+    # Continuous batching (hf engine): every round each conversation in the pool answers its next user
+    # turn; a finished conversation is written at once (the resume unit) and its slot refilled.
     while True:
         prompts, who = gather()
         if not prompts:
@@ -229,11 +402,95 @@ def regenerate(conversations: Iterable, target, out_path: str | Path, *, max_new
             print(f"[regenerate] round {calls}: {len(prompts)} turns, {stats['written']} conversations written, "
                   f"{gen.generated_tokens} tokens ({gen.generated_tokens / max(el, 1e-9):.1f} tok/s)",
                   file=sys.stderr, flush=True)
+    return _finish(stats, gen, out_path, t0)
+
+
+def _finish(stats, gen, out_path, t0) -> dict:
     secs = time.time() - t0
     stats.update(path=str(out_path), seconds=round(secs, 2), generated_tokens=gen.generated_tokens,
                  tokens_per_second=round(gen.generated_tokens / secs, 2) if secs > 0 else None,
                  total_written=len(done_ids(out_path)))
     return stats
+
+
+@torch.no_grad()
+def _static_loop(target, gen, batch_size, max_prompt_tokens, max_new_tokens, temperature, top_p, seed,
+                 take, next_prompt, write, turn_done, stats, progress, t0) -> None:
+    """Token-level continuous batching on StaticBatch: a row whose turn ends gets the conversation's
+    next turn (or the next conversation) prefilled into its slot before the next decode step."""
+    from specdistill.verify import sampling
+
+    dec = StaticBatch(target, batch_size, max_prompt_tokens, max_new_tokens)
+    B = batch_size
+    work: list[dict | None] = [None] * B  # conversation per slot
+    body: list[list[int]] = [[] for _ in range(B)]
+    gens: list[torch.Generator | None] = [None] * B
+    active = torch.zeros(B, dtype=torch.bool)
+    nxt = torch.zeros(B, dtype=torch.long)
+    eos = gen.eos
+
+    def pick(slot: int, logits: torch.Tensor) -> int:
+        if temperature > 0:
+            return int(torch.multinomial(sampling.warp(logits, temperature, top_p, 0), 1, generator=gens[slot]))
+        return int(logits.argmax())
+
+    def start(slot: int) -> torch.Tensor | None:
+        """Prefill the slot's next turn (taking a new conversation when its own is done); its logits."""
+        while True:
+            st = work[slot]
+            if st is None:
+                st = work[slot] = take()
+                if st is None:
+                    return None
+            p = next_prompt(st)
+            if p is None:
+                write(st)
+                work[slot] = None
+                continue
+            body[slot] = []
+            if temperature > 0:  # per conversation and turn, whatever slot or batch it lands in
+                h = hashlib.sha256(f"{seed}:{st['id']}:{len(st['finish'])}".encode()).digest()
+                gens[slot] = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") >> 1)
+            return dec.prefill(slot, p)
+
+    def advance(slot: int, logits: torch.Tensor | None) -> None:
+        """Take the slot's next token; on a finished turn start the next one (possibly several)."""
+        while logits is not None:
+            tok = pick(slot, logits)
+            stopped = tok in eos
+            if not stopped:
+                body[slot].append(tok)
+            if not stopped and len(body[slot]) < max_new_tokens:
+                nxt[slot] = tok
+                active[slot] = True
+                return
+            turn_done(work[slot], body[slot], stopped)
+            logits = start(slot)
+        active[slot] = False
+
+    for slot in range(B):
+        advance(slot, start(slot))
+    steps = 0
+    while bool(active.any()):
+        n_active = int(active.sum())
+        if B > 1 and n_active <= B // 2:
+            # an idle slot means the source is spent (it stays idle): narrow the batch to the busy rows
+            rows = [r for r in range(B) if active[r]]
+            dec.narrow(rows)
+            work = [work[r] for r in rows]
+            body = [body[r] for r in rows]
+            gens = [gens[r] for r in rows]
+            nxt, active = nxt[rows].clone(), active[rows].clone()
+            B = len(rows)
+        logits = dec.step(nxt.to(dec.device), active.to(dec.device)).float().cpu()
+        steps += 1
+        for slot in [r for r in range(B) if active[r]]:
+            advance(slot, logits[slot])
+        if progress and steps % 32 == 0:
+            el = time.time() - t0
+            print(f"[regenerate] step {steps}: {int(active.sum())} rows, {stats['written']} conversations written, "
+                  f"{gen.generated_tokens} tokens ({gen.generated_tokens / max(el, 1e-9):.1f} tok/s)",
+                  file=sys.stderr, flush=True)
 
 
 def _as_messages(conv) -> tuple[str, list[dict]]:
@@ -256,11 +513,13 @@ def run(args) -> int:
     target = targets.load(args.target)
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "seed": args.seed, "max_prompt_tokens": args.max_prompt_tokens}
-    path = Path(args.output) if args.output else output_path(args.out, source, target, settings)
+    # greedy answers are the same from either engine; sampled ones are not, so they key the file apart
+    key = dict(settings, engine=args.engine) if args.temperature > 0 else settings
+    path = Path(args.output) if args.output else output_path(args.out, source, target, key)
     counter = SkipCounter()
     print(f"[regenerate] {source} -> {path}", file=sys.stderr)
     stats = regenerate(iter_conversations(source, counter), target, path, batch_size=args.batch_size,
-                       limit=args.limit, progress=True, **settings)
+                       limit=args.limit, progress=True, engine=args.engine, **settings)
     stats["source_skipped"] = counter.total_skipped
     stats["use_with"] = f"data.source={path}"
     print(json.dumps(stats, indent=1))
@@ -279,7 +538,10 @@ def register_data_subcommand(data_subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--batch-size", type=int, default=8, help="conversations generated together")
+    p.add_argument("--batch-size", type=int, default=64, help="conversations generated together (rows of the batch)")
+    p.add_argument("--engine", default="auto", choices=["auto", "static", "hf"],
+                   help="static: preallocated KV cache, finished rows refilled in flight (llama/mistral/qwen2); "
+                        "hf: rounds of padded HF generate; auto: static where supported")
     p.add_argument("--max-prompt-tokens", type=int, default=512,
                    help="stop a conversation at the first turn whose prompt is longer (training cuts samples "
                         "at data.max_length anyway, default 512)")
