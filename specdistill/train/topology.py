@@ -321,3 +321,18 @@ def precision_plan(accelerator) -> PrecisionPlan:
         return PrecisionPlan(mp, dist, half, None, half, torch.float32)
     weights = half if dist == "FSDP" else torch.float32  # FSDP's MixedPrecision casts params for compute
     return PrecisionPlan(mp, dist, weights, half, torch.float32, torch.float32)
+
+
+def fresh_single_process_state(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state; a second Trainer in the same single process (a
+    benchmark training several variants, `specdistill retrain`) may ask for another precision. Outside a
+    launched multi-process job, drop the previous run's state so the new one can be built."""
+    import os
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not AcceleratorState._shared_state:
+        return
+    if AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()

@@ -71,10 +71,11 @@ class Trainer:
         plugin = GradientAccumulationPlugin(num_steps=self.tc.grad_accum, sync_with_dataloader=False)
         from specdistill.train import topology
 
+        mp = topology.resolve_precision(self.tc.mixed_precision)
+        if accelerator is None:
+            topology.fresh_single_process_state(mp)
         self.accelerator = accelerator or Accelerator(
-            gradient_accumulation_plugin=plugin, mixed_precision=topology.resolve_precision(self.tc.mixed_precision),
-            **topology.accelerator_kwargs(),
-        )
+            gradient_accumulation_plugin=plugin, mixed_precision=mp, **topology.accelerator_kwargs())
         acc = self.accelerator
         # Batch size and accumulation come from the run config only; a DeepSpeed config that disagrees stops here.
         topology.check_topology(acc, self.tc)
