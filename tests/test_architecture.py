@@ -85,7 +85,9 @@ def test_safe_loading_only():
 FLOORS = {"errors": 0, "fsutil": 0, "locks": 0, "resources": 0, "config": 1, "adapters": 1, "targets": 2,
           "losses": 2, "data": 3, "verify": 4, "drafters": 5, "export": 6, "train": 6, "loading": 7,
           "scoring": 7, "pipeline": 7, "plan": 7, "online": 8, "cli": 9}
-MODULE_FLOORS = {"specdistill.export.hub": 7, "specdistill.export.cli": 9, "specdistill.data.cli": 9}
+MODULE_FLOORS = {"specdistill.export.hub": 7, "specdistill.export.cli": 9, "specdistill.data.cli": 9,
+                 # regeneration decodes with the target through the verifier's sampling: above verify/
+                 "specdistill.data.regenerate": 5}
 # The one allowed upward arrow: config parses the `drafter:` block with the registered family's
 # dataclass, so it looks the registry up at call time (drafters never import config).
 ALLOWED_UP = {("specdistill.config", "specdistill.drafters")}
