@@ -9,7 +9,8 @@ This module follows the paper's non-autoregressive idea on top of the released c
     body   EAGLE-1 (fc 2H->H with bias over concat(E(x_{t+1}), f_t), causal Llama decoder layer(s),
            the shared layers of drafters/layers.py), f_t = the target's final-normed top feature;
            drafter index t reads (f_t, x_{t+1}) and its output o_t stands for position t+1.
-    slots  S = `ctc_frames` copies o_t + slot_embed[s], one bidirectional DraftDecoderLayer over the
+    slots  S = `ctc_frames` slots o_t + SiLU(W_s o_t + b_s) + slot_embed[s] (per-slot ResBlocks, W_s
+           zero-initialised), one bidirectional DraftDecoderLayer over the
            S slots of each position (the "attention draft module"), then logits over the draft
            vocabulary (the target's frozen LM-head rows, as EAGLE-1) plus one learned blank row:
            blank id = Vd (the draft vocabulary size, = V for the full vocabulary). Id 0 is a real
@@ -228,6 +229,10 @@ class CtcDrafter(Drafter):
         self.layers = nn.ModuleList([DraftDecoderLayer(lc, fused=False, input_norm=True)
                                      for _ in range(cfg.num_layers - 1)])
         self.slot_embed = nn.Parameter(torch.zeros(cfg.ctc_frames, h))
+        # Per-slot ResBlocks (W zero-initialised): slot s reads o_t through its own H x H map, so frames
+        # separate at the speed of a matrix, not of an (S, H) offset (which barely moves in few steps).
+        self.slot_proj = nn.Parameter(torch.zeros(cfg.ctc_frames, h, h))
+        self.slot_proj_bias = nn.Parameter(torch.zeros(cfg.ctc_frames, h))
         self.slot_layers = nn.ModuleList([DraftDecoderLayer(lc, fused=False, input_norm=True)
                                           for _ in range(cfg.slot_layers)])
         self.blank_weight = nn.Parameter(torch.zeros(h))
@@ -349,7 +354,9 @@ class CtcDrafter(Drafter):
 
     def slot_logits(self, out: torch.Tensor) -> torch.Tensor:
         """(N, H) body outputs -> (N, S, Vd + 1) slot logits; the last class is the blank."""
-        x = out[:, None, :] + self.slot_embed.to(out.dtype)[None]
+        w = self.slot_proj if torch.is_autocast_enabled() else self.slot_proj.to(out.dtype)
+        z = torch.einsum("nh,skh->nsk", out, w) + self.slot_proj_bias.to(out.dtype)
+        x = out[:, None, :] + F.silu(z).to(out.dtype) + self.slot_embed.to(out.dtype)[None]
         pos = torch.arange(x.shape[1], device=x.device)[None]
         cos, sin = self.rotary(x, pos)
         for layer in self.slot_layers:
