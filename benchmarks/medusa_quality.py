@@ -52,6 +52,9 @@ def parse_args(argv):
                     help="head vocabularies whose draft cost (untrained heads: cost does not depend on the weights) "
                          "is measured too; 0 = full")
     ap.add_argument("--cost-only", action="store_true", help="only the draft-cost sweep (no training)")
+    ap.add_argument("--modes", default="tree,chain", help="draft shapes to score ('' = train and measure only)")
+    ap.add_argument("--reuse", action="store_true", help="a variant whose <out>/<variant>/export/native exists is not "
+                    "retrained; an eval.json already beside an export is read back instead of re-scored")
     return ap.parse_args(argv)
 
 
@@ -142,15 +145,17 @@ def main(argv=None):
             ov.append(f"drafter.ramp_steps={args.ramp_steps}")
         with stdout_to_stderr():
             t0 = time.perf_counter()
-            recipe(ov)
-            train_s = time.perf_counter() - t0
+            reused = args.reuse and (run_dir / "export" / "native").is_dir()
+            if not reused:
+                recipe(ov)
+            train_s = None if reused else time.perf_counter() - t0
             from specdistill import loading, scoring, targets
             from specdistill.drafters.medusa import target_drift
             from specdistill.export import native
 
             target = targets.load(args.target)
             drafter = loading.load_drafter(run_dir / "export" / "native", target)  # adapters go back on the target
-            rec = {"overrides": ov, "train_wall_s": round(train_s, 1), **training_state(run_dir),
+            rec = {"overrides": ov, "reused": reused, "train_wall_s": train_s and round(train_s, 1), **training_state(run_dir),
                    "held_out_accuracy": [[round(a, 4) for a in row[:3]] for row in (drafter.head_accuracy() or [])],
                    "tree_paths": [list(p) for p in drafter.sparse_tree()], "draft_cost": draft_cost(drafter, target)}
             if name == "medusa2":
@@ -164,19 +169,26 @@ def main(argv=None):
                 rec["drift_next_token_agreement"] = {"before": 1.0, "after": round(target_drift(target, batches), 4),
                                                      "positions_batches": len(batches)}
             chain_dir = run_dir / "export" / "native_chain"
-            drafter.cfg.draft_mode = "chain"
-            native.write(drafter, target, chain_dir)
-            for mode, path in (("tree", run_dir / "export" / "native"), ("chain", chain_dir)):
-                ev = scoring.score(target, str(path), path, questions=args.questions, limit_per_category=args.per_category,
-                                   max_new_tokens=args.max_new_tokens, num_draft_tokens=drafter.cfg.num_heads,
-                                   progress=False, quiet=True)
+            modes = [m for m in args.modes.split(",") if m]
+            if "chain" in modes and not (reused and chain_dir.is_dir()):
+                drafter.cfg.draft_mode = "chain"
+                native.write(drafter, target, chain_dir)
+            for mode in modes:
+                path = run_dir / "export" / ("native" if mode == "tree" else "native_chain")
+                if reused and (path / "eval.json").is_file():
+                    ev = json.loads((path / "eval.json").read_text())
+                else:
+                    ev = scoring.score(target, str(path), path, questions=args.questions,
+                                       limit_per_category=args.per_category, max_new_tokens=args.max_new_tokens,
+                                       num_draft_tokens=drafter.cfg.num_heads, progress=False, quiet=True)
                 o = ev["overall"]
                 rec[mode] = {"tau": round(o["tau"], 3), "speedup": round(o.get("speedup", 0.0), 3),
                              "alpha": [None if a is None else round(a, 3) for a in o.get("alpha", [])],
                              "identical_to_greedy": o.get("identical_to_greedy"),
                              "draft_ms_per_step": round(1000 * o["draft_time_s"] / max(o["target_passes"], 1), 2),
                              "tau_by_category": {c: round(v["tau"], 3) for c, v in ev["categories"].items()},
-                             "lossless": True}
+                             "lossless": o.get("lossless", True),
+                             "eval_seconds": round(ev["settings"]["seconds"], 1)}
         results["variants"][name] = rec
         print(f"[bench] {name}: {json.dumps(rec)[:400]}", file=sys.stderr)
     print(json.dumps(results, indent=1))
