@@ -77,6 +77,12 @@ class EagleConfig:
     """Half-width of uniform noise added to the target features while training (EAGLE-1 used 0.1)."""
     init_from_target: bool = True
     """Initialise the draft LM head (rows d2t) and final norm from the target's (eagle3)."""
+    fc_norm: bool = False
+    """EAGLE-3.1 (speculators PR 610, SpecForge PR 568): a learnt RMSNorm on each fused target layer
+    before fc, fc(cat(norm_1(h_a), norm_2(h_b), ...)); tensors `fc_norm.{i}.weight` (eagle3 only)."""
+    norm_output: bool = False
+    """EAGLE-3.1: unrolled/draft steps >= 1 read the drafter's *final-normed* output norm(out) instead of
+    out (the LM head input either way); no extra tensors (eagle3 only)."""
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -103,6 +109,9 @@ class EagleConfig:
             raise ConfigError(f"drafter.feature_noise ({self.feature_noise}) must be >= 0")
         if self.hass_topk_weight < 0:
             raise ConfigError(f"drafter.hass_topk_weight ({self.hass_topk_weight}) must be >= 0")
+        if self.variant != "eagle3" and (self.fc_norm or self.norm_output):
+            raise ConfigError("drafter.fc_norm / drafter.norm_output are EAGLE-3.1 options: they need "
+                              f"drafter.variant=eagle3 (got {self.variant!r})")
 
     # Derived values live in methods, not in __post_init__, so a later `variant=` override never
     # inherits the other variant's derived numbers when config.py rebuilds the dataclass.
@@ -193,6 +202,8 @@ class EagleDrafter(Drafter):
         if eagle3:
             self.norm = DraftRMSNorm(h, self.eps)
             self.lm_head = nn.Linear(h, vd, bias=False)
+            if cfg.fc_norm:  # EAGLE-3.1: one learnt norm per fused target layer (engines: fc_norm.{i}.weight)
+                self.fc_norm = nn.ModuleList([DraftRMSNorm(h, self.eps) for _ in self.layer_ids])
         self._init_weights(lc.initializer_range if hasattr(lc, "initializer_range") else 0.02)
 
     # -- construction helpers ----------------------------------------------------------------
@@ -340,6 +351,8 @@ class EagleDrafter(Drafter):
             "num_layers": int(self.cfg.num_layers),
             "unroll_steps": int(self.cfg.unroll_steps()),
             "norm_before_residual": False,
+            "fc_norm": bool(self.cfg.fc_norm),
+            "norm_output": bool(self.cfg.norm_output),
         }
 
     # -- forward pieces ----------------------------------------------------------------------
@@ -367,9 +380,16 @@ class EagleDrafter(Drafter):
         eagle3: step 0 fuses the target layers (fc); later steps feed the drafter's own output as is.
         eagle1: fc(cat(embed, feature)) at every step, the feature being the target's (step 0) or the
         drafter's previous output (later steps, HASS alignment / TTT).
+        EAGLE-3.1 options: `fc_norm` normalises each target layer's slice before fc; `norm_output`
+        feeds norm(out) (the LM head's input) to later steps instead of out.
         """
         if self.cfg.variant == "eagle3":
-            return self.fc(features) if step == 0 else features
+            if step:
+                return self.norm(features) if self.cfg.norm_output else features
+            if self.cfg.fc_norm:
+                parts = features.chunk(len(self.fc_norm), -1)
+                features = torch.cat([n(x) for n, x in zip(self.fc_norm, parts)], -1)
+            return self.fc(features)
         return self.fc(torch.cat([embed.to(features.dtype), features], -1))
 
     def layers_forward(self, hidden, embed, positions, past, mask=None, causal=False):

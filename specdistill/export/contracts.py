@@ -126,6 +126,10 @@ def _check_eagle3_tensors(tensors: dict, d: dict, prefix: str, maps: bool, where
     _shape(tensors, "norm.weight", (h,), where)
     _shape(tensors, "lm_head.weight", (vd, h), where)
     expected = set(layer) | {"fc.weight", "norm.weight", "lm_head.weight"}
+    if d.get("fc_norm"):  # EAGLE-3.1: one norm per fused target layer
+        fc_norms = {f"fc_norm.{i}.weight": (ht,) for i in range(3)}
+        _check_shapes(tensors, fc_norms, where)
+        expected |= set(fc_norms)
     if maps:
         check_vocab_maps(tensors, vd, v, where)
         expected |= {"d2t", "t2d"}
@@ -154,7 +158,8 @@ def _check_llama_keys(cfg: dict, where: str, prefix: str = "", num_layers: int |
 def _dims_from(cfg: dict, layer: dict) -> dict:
     return {k: layer[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                   "num_key_value_heads", "head_dim", "vocab_size")} | {
-        "draft_vocab_size": cfg["draft_vocab_size"], "target_hidden_size": cfg["target_hidden_size"]}
+        "draft_vocab_size": cfg["draft_vocab_size"], "target_hidden_size": cfg["target_hidden_size"],
+        "fc_norm": bool(cfg.get("fc_norm"))}
 
 
 def check_sglang(cfg: dict, tensors: dict, num_target_layers: int) -> None:

@@ -169,12 +169,13 @@ def is_engine_export(path: str | Path, fmt: str | None = None) -> bool:
     return meta.get("format") in ((fmt,) if fmt else ("sglang", "vllm")) and "drafter_config" in meta
 
 
-# speculators/SGLang architecture switches our EAGLE drafter does not implement: loading a file that sets
-# one would silently compute a different function, so it is refused instead.
+# speculators/SGLang architecture switches. One the drafter's config implements (a field of that name,
+# EAGLE-3.1's fc_norm / norm_output) must agree with it; any other one that is set is refused: loading it
+# would silently compute a different function.
 UNSUPPORTED_FLAGS = ("norm_before_fc", "norm_output", "norm_before_residual", "fc_norm", "sliding_window")
 
 
-def _refuse_unsupported_architecture(config_file: Path) -> None:
+def _refuse_unsupported_architecture(config_file: Path, drafter_cfg=None) -> None:
     try:
         cfg = json.loads(config_file.read_text())
     except FileNotFoundError:
@@ -182,10 +183,18 @@ def _refuse_unsupported_architecture(config_file: Path) -> None:
     except (OSError, ValueError) as e:
         raise ValueError(f"{config_file}: unreadable ({e})") from None
     layer = cfg.get("transformer_layer_config") or {}
-    on = [k for k in UNSUPPORTED_FLAGS if cfg.get(k) or (isinstance(layer, dict) and layer.get(k))]
-    if on:
-        raise ValueError(f"{config_file}: sets {', '.join(on)}, which specdistill's EAGLE drafter does not implement "
-                         "(not supported yet); it would load but compute a different function, so it is refused")
+    on = {k: bool(cfg.get(k) or (isinstance(layer, dict) and layer.get(k))) for k in UNSUPPORTED_FLAGS}
+    implemented = {k: bool(getattr(drafter_cfg, k)) for k in UNSUPPORTED_FLAGS
+                   if drafter_cfg is not None and isinstance(getattr(drafter_cfg, k, None), bool)}
+    differ = [f"{k}={str(on[k]).lower()}" for k in implemented if on[k] != implemented[k]]
+    if differ:
+        raise ValueError(f"{config_file}: sets {', '.join(differ)} but its specdistill_export.json drafter_config "
+                         "says otherwise; the two describe different functions, so it is refused")
+    refused = [k for k in UNSUPPORTED_FLAGS if on[k] and k not in implemented]
+    if refused:
+        raise ValueError(f"{config_file}: sets {', '.join(refused)}, which specdistill's EAGLE drafter does not "
+                         "implement (not supported yet); it would load but compute a different function, so it is "
+                         "refused")
 
 
 def load_engine_export(path: str | Path, target, device: str | torch.device | None = None):
@@ -196,9 +205,9 @@ def load_engine_export(path: str | Path, target, device: str | torch.device | No
     embedding and LM head) are rebuilt from the target; absent d2t/t2d mean the full vocabulary."""
     path = Path(path)
     meta = json.loads((path / "specdistill_export.json").read_text())
-    _refuse_unsupported_architecture(path / "config.json")
     spec = drafters.get(meta["family"])
     dcfg = _config._merge(spec.config_cls(), meta["drafter_config"], "drafter_config.")
+    _refuse_unsupported_architecture(path / "config.json", dcfg)
     drafter = drafters.build(dcfg, target)
     sd = {eagle1.from_engine_name(k): v for k, v in load_file(str(path / "model.safetensors")).items()}
     want = drafter.export_state_dict()

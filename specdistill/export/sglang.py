@@ -34,6 +34,8 @@ def build(drafter, target, dtype: str = "bfloat16") -> tuple[dict, dict]:
         "target_hidden_size": d["target_hidden_size"],
         # vLLM-only key, written so vLLM never falls back to a default that differs from SGLang.
         "norm_before_residual": d["norm_before_residual"],
+        # EAGLE-3.1 switches (SpecForge PR 568; SGLang's Eagle3 model reads both, a missing key as false)
+        **{k: bool(drafter.export_info().get(k, False)) for k in ("fc_norm", "norm_output")},
         "eagle_config": {
             "eagle_aux_hidden_state_layer_ids": d["layer_ids"],
             "use_aux_hidden_state": True,

@@ -81,12 +81,20 @@ def build(drafter, target, dtype: str = "bfloat16", speculative_tokens: int = 3)
         "target_hidden_size": d["target_hidden_size"],
         "eagle_aux_hidden_state_layer_ids": d["layer_ids"],
         "norm_before_residual": d["norm_before_residual"],
+        # EAGLE-3.1 switches (speculators PR 610; vLLM and speculators both read a missing key as false)
+        **eagle31_flags(drafter),
         "tie_word_embeddings": False,
         "torch_dtype": dtype,
         "transformers_version": common.transformers_version(),
         "transformer_layer_config": layer,
     }
     return cfg, tensors
+
+
+def eagle31_flags(drafter) -> dict:
+    """The EAGLE-3.1 config keys (`fc_norm`, `norm_output`) of this drafter, always written explicitly."""
+    info = drafter.export_info()
+    return {k: bool(info.get(k, False)) for k in ("fc_norm", "norm_output")}
 
 
 def engine_gap(drafter) -> str | None:

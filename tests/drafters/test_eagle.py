@@ -514,3 +514,107 @@ def test_export_info_and_engine_map_load(target, batch):
     bad = dict(sd, d2t=torch.zeros_like(sd["d2t"]))  # every draft id -> target id i: disagrees with t2d
     with pytest.raises(ValueError, match="vocab map is inconsistent"):
         EagleDrafter(d.cfg, target).load_state_dict(bad, strict=False)
+
+
+# --- EAGLE-3.1 options (fc_norm, norm_output; speculators PR 610, SpecForge PR 568) -------------------
+
+
+@pytest.mark.parametrize("flag", ["fc_norm", "norm_output"])
+def test_eagle31_flag_changes_the_function_and_decode_matches_training(target, batch, flag, monkeypatch):
+    """Off by default (same weights and loss as before); on, fc_norm changes step 0 through learnt
+    per-layer norms and norm_output changes only the unrolled steps (they read norm(out)); the proposer
+    drafts exactly what the unrolled training steps compute."""
+    kw = dict(variant="eagle3", draft_vocab_size=64, ttt_steps=3)
+    off, on = _build(target, batch, **kw), _build(target, batch, **kw, **{flag: True})
+    assert EagleConfig().fc_norm is False and EagleConfig().norm_output is False
+    sd_off, sd_on = off.state_dict(), on.state_dict()
+    assert all(torch.equal(sd_on[k], v) for k, v in sd_off.items())
+    assert sorted(set(sd_on) - set(sd_off)) == (["fc_norm.0.weight", "fc_norm.1.weight", "fc_norm.2.weight"]
+                                                if flag == "fc_norm" else [])
+    tout = _target_out(target, off, batch)
+    m_off, m_on = off.loss(batch, tout).metrics, on.loss(batch, tout).metrics
+    step0_same = torch.allclose(m_off["loss_token_step0"], m_on["loss_token_step0"])
+    assert step0_same == (flag == "norm_output")
+    assert not torch.allclose(m_off["loss_token_step1"], m_on["loss_token_step1"])
+    if flag == "fc_norm":
+        with torch.no_grad():
+            on.fc_norm[1].weight.mul_(3.0)  # the learnt weight is used, on its own layer's slice
+        assert not torch.allclose(on.loss(batch, tout).metrics["loss_token_step0"], m_on["loss_token_step0"])
+        on.zero_grad()
+        out = on.loss(batch, tout)
+        out.loss.backward()
+        assert all(n.weight.grad is not None and n.weight.grad.abs().sum() > 0 for n in on.fc_norm)
+        on.zero_grad()
+    outs = []
+    orig = on.layers_forward
+    monkeypatch.setattr(on, "layers_forward", lambda *a, **k: (lambda r: (outs.append(r[0]), r)[1])(orig(*a, **k)))
+    with torch.no_grad():
+        on.loss(batch, tout)
+    monkeypatch.setattr(on, "layers_forward", orig)
+    ids = batch["input_ids"][0]
+    hs = {i: h[0] for i, h in tout.hidden_states.items()}
+    t = 9
+    pr = on.proposer(target, mode="chain", k=1, dtype="float32")
+    with torch.no_grad():
+        pr._commit(ProposerState(ids[: t + 2], {i: h[: t + 1] for i, h in hs.items()}))
+        assert torch.allclose(pr.last_out, outs[0][0, t], atol=1e-5)
+        out = pr.last_out
+        for j in (1, 2):
+            emb = on.embed(ids[t + 1 + j].view(1, 1))
+            out = pr._run(on.step_input(out[None, None], emb, 1), emb, torch.tensor([t + j]), None)[0, -1]
+            assert torch.allclose(out, outs[j][0, t], atol=1e-5), f"step {j}"
+
+
+def test_eagle31_flags_need_eagle3(target):
+    for flag in ("fc_norm", "norm_output"):
+        with pytest.raises(ConfigError, match=flag):
+            EagleConfig(variant="eagle1", **{flag: True})
+
+
+def test_eagle31_flags_survive_export_and_reload_and_mismatches_are_refused(tmp_path, target, batch):
+    """native, SGLang and vLLM exports write fc_norm/norm_output (explicitly, also when off) and the
+    fc_norm tensors; each reloads to the same loss. A config.json whose flags disagree with the
+    export's drafter_config, or that sets a switch the drafter lacks, is refused on load."""
+    import json
+    import shutil
+
+    from specdistill import drafters
+    from specdistill import export as ex
+    from specdistill.config import ExportConfig
+    from specdistill.loading import load_drafter
+
+    def build(**kw):  # through the registry: exports read the family spec off the drafter
+        d = drafters.build(EagleConfig(layer_ids=LAYERS3, draft_vocab_size=64, ttt_steps=2, **kw), target)
+        d.set_vocab_map(*vocab_map_from_counts(count_tokens(_samples(batch), target.vocab_size), 64))
+        return d
+
+    d = build(fc_norm=True, norm_output=True)
+    with torch.no_grad():
+        for i, n in enumerate(d.fc_norm):
+            n.weight.mul_(1.0 + 0.5 * i)
+    out = ex.write(d, ExportConfig(formats=["native", "sglang", "vllm"], dtype="float32"), tmp_path / "on", target)
+    tout = _target_out(target, d, batch)
+    ref = d.loss(batch, tout).loss
+    for fmt in ("sglang", "vllm"):
+        cfg = json.loads((out[fmt] / "config.json").read_text())
+        assert cfg["fc_norm"] is True and cfg["norm_output"] is True, fmt
+        st = load_file(str(out[fmt] / "model.safetensors"))
+        assert torch.equal(st["fc_norm.2.weight"], d.fc_norm[2].weight.detach()), fmt
+    for fmt in ("native", "sglang", "vllm"):
+        back = load_drafter(out[fmt], target)
+        assert back.cfg.fc_norm and back.cfg.norm_output, fmt
+        assert torch.allclose(back.loss(batch, tout).loss, ref, atol=1e-5), fmt
+    plain = build()
+    out_off = ex.write(plain, ExportConfig(formats=["vllm"], dtype="float32"), tmp_path / "off", target)
+    cfg_off = json.loads((out_off["vllm"] / "config.json").read_text())
+    assert cfg_off["fc_norm"] is False and cfg_off["norm_output"] is False
+    assert not any(k.startswith("fc_norm") for k in load_file(str(out_off["vllm"] / "model.safetensors")))
+    for src, edit, match in ((out["vllm"], {"norm_output": False}, "norm_output=false"),
+                             (out_off["vllm"], {"norm_output": True}, "norm_output=true"),
+                             (out_off["vllm"], {"norm_before_fc": True}, "sets norm_before_fc, which")):
+        bad = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(src, bad)
+        c = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps({**c, **edit}))
+        with pytest.raises(ValueError, match=match):
+            load_drafter(bad, target)
