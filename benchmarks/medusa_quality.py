@@ -72,12 +72,12 @@ def training_state(run_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def draft_cost(drafter, target, reps: int = 200) -> dict:
+def draft_cost(drafter, target, reps: int = 200, dtype: str = "float32") -> dict:
     """The K heads on one token vs one cached single-token target decode step (same threads)."""
     from transformers import DynamicCache
 
     x = torch.randn(1, target.hidden_size)
-    prop = drafter.proposer(target, None, mode="chain", depth=drafter.cfg.num_heads)
+    prop = drafter.proposer(target, None, mode="chain", depth=drafter.cfg.num_heads, dtype=dtype)
     hid = {drafter.num_target_layers: x}
     from specdistill.verify.proposer import ProposerState
 
@@ -119,7 +119,8 @@ def cost_sweep(args) -> dict:
             for k in (3, 4):
                 d = drafters.build(MedusaConfig(draft_vocab_size=vd, num_heads=k), target).eval()
                 d.vocab_map_ready.fill_(True)  # cost only: the first Vd ids stand in for a fitted map
-                out[f"heads{k}_vocab{vd or target.vocab_size}"] = draft_cost(d, target)
+                for dt in ("float32", "bfloat16"):
+                    out[f"heads{k}_vocab{vd or target.vocab_size}_{dt}"] = draft_cost(d, target, dtype=dt)
         return out
 
 
@@ -157,7 +158,8 @@ def main(argv=None):
             drafter = loading.load_drafter(run_dir / "export" / "native", target)  # adapters go back on the target
             rec = {"overrides": ov, "reused": reused, "train_wall_s": train_s and round(train_s, 1), **training_state(run_dir),
                    "held_out_accuracy": [[round(a, 4) for a in row[:3]] for row in (drafter.head_accuracy() or [])],
-                   "tree_paths": [list(p) for p in drafter.sparse_tree()], "draft_cost": draft_cost(drafter, target)}
+                   "tree_paths": [list(p) for p in drafter.sparse_tree()], "draft_cost": draft_cost(drafter, target),
+                   "draft_cost_bfloat16_heads": draft_cost(drafter, target, dtype="bfloat16")}
             if name == "medusa2":
                 from specdistill import config, data
                 from specdistill.data import make_collate

@@ -105,6 +105,9 @@ class MedusaConfig:
     """Deepest tree level; 0 = num_heads."""
     tree_max_child: int = 10
     """Ranks considered per head (TOPK of the released code)."""
+    draft_dtype: str = "float32"
+    """Dtype the proposer runs the heads in: float32, bfloat16 (a frozen copy; a draft step is memory-bound, so
+    bf16 roughly halves it on CPUs with AVX512-BF16) or auto (bf16 where the CPU has native bf16)."""
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -125,6 +128,8 @@ class MedusaConfig:
             raise ConfigError("drafter.heads_coefficient and drafter.heads_lr_scale must be > 0")
         if self.ramp_steps < 0 or self.tree_budget < 1 or self.tree_max_depth < 0 or self.tree_max_child < 1:
             raise ConfigError("drafter.ramp_steps, tree_max_depth must be >= 0; tree_budget, tree_max_child >= 1")
+        if self.draft_dtype not in ("float32", "bfloat16", "auto"):
+            raise ConfigError(f"drafter.draft_dtype ({self.draft_dtype!r}) must be float32, bfloat16 or auto")
         if self.lora_rank < 1 or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"drafter.lora_rank ({self.lora_rank}) must be >= 1, lora_dropout in [0, 1)")
 
@@ -562,12 +567,12 @@ class MedusaProposer(Proposer):
 
     def __init__(self, drafter: MedusaDrafter, mode: str = "tree", depth: int = 4, budget: int = 16,
                  max_child: int = 10, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, tree: list | None = None):
+                 seed: int | None = None, tree: list | None = None, dtype: str | None = None):
         if mode not in ("chain", "tree"):
             raise ValueError(f"MedusaProposer mode ({mode!r}) must be chain or tree")
         if depth < 1:
             raise ValueError(f"MedusaProposer depth ({depth}) must be >= 1")
-        self.drafter = drafter
+        self.drafter = _drafting_copy(drafter, dtype or drafter.cfg.draft_dtype)
         self.mode, self.temperature, self.top_p, self.top_k = mode, temperature, top_p, top_k
         self.depth = min(depth, drafter.cfg.num_heads)
         self.target_layers = (drafter.num_target_layers,)
@@ -640,6 +645,23 @@ class MedusaProposer(Proposer):
             tok_of[path] = int(tops[pre][min(path[-1], tops[pre].numel() - 1)])
             out.append(tok_of[path])
         return DraftTree(torch.tensor(out, dtype=torch.long), self.parents.clone())
+
+
+def _drafting_copy(drafter: MedusaDrafter, dtype: str) -> MedusaDrafter:
+    """The drafter itself (float32), or a frozen bf16 copy of its heads that shares the target (not copied)."""
+    if dtype not in ("float32", "bfloat16", "auto"):
+        raise ValueError(f"MedusaProposer dtype ({dtype!r}) must be float32, bfloat16 or auto")
+    if dtype == "auto":
+        cpu_bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+        dtype = "bfloat16" if cpu_bf16 and drafter.lm_heads[0].weight.device.type == "cpu" else "float32"
+    want = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    if drafter.lm_heads[0].weight.dtype == want:
+        return drafter
+    import copy
+
+    memo = {id(drafter._target): drafter._target}
+    memo.update({id(t): t for t in drafter._frozen.values()})
+    return copy.deepcopy(drafter, memo).to(want).eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -150,12 +150,15 @@ def test_validation_pass_counts_accuracy_by_true_counts(target, batch):
     assert d.measure_accuracy([batch], target) == acc
 
 
-@pytest.mark.parametrize("mode", ["chain", "tree"])
-def test_greedy_is_identical_to_the_target(target, batch, mode):
+@pytest.mark.parametrize("mode,dtype", [("chain", "float32"), ("tree", "float32"), ("tree", "bfloat16")])
+def test_greedy_is_identical_to_the_target(target, batch, mode, dtype):
     d = _medusa(target, batch, draft_vocab_size=64, labels="soft")
     _train(d, target, batch, steps=20)
     d.eval()
-    prop = d.proposer(target, None, mode=mode, depth=3, budget=8, max_child=3)
+    prop = d.proposer(target, None, mode=mode, depth=3, budget=8, max_child=3, dtype=dtype)
+    if dtype == "bfloat16":  # a frozen bf16 copy of the heads; the target is shared, not copied
+        assert prop.drafter is not d and prop.drafter.lm_heads[0].weight.dtype == torch.bfloat16
+        assert prop.drafter._target[0] is target and d.lm_heads[0].weight.dtype == torch.float32
     ver = Verifier(target)
     for prompt in ([1, 4, 5, 6], batch["input_ids"][0, :8].tolist()):
         ref = ver.generate(prompt, None, max_new_tokens=24, eos_token_ids=NO_EOS)
