@@ -165,9 +165,11 @@ class StaticBatch:
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.t = max_prompt  # room for any prompt before the first decode column
 
-    def _forward(self, ids, positions, rows, cols, mask):
+    def _forward(self, ids, positions, rows, cols, mask, lo: int = 0):
         """Hidden states (b, n, H) of tokens `ids` (b, n) at `positions` (b, n) for cache rows `rows`
-        (b,) written at columns `cols` (n,), attending with `mask` (b, 1, n, S)."""
+        (b,) written at columns `cols` (n,), attending with `mask` (b, 1, n, hi - lo) to columns lo..hi-1,
+        hi = lo + mask width (no row has a live column outside them)."""
+        hi = lo + mask.shape[-1]
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         m = self.model.model
@@ -185,12 +187,12 @@ class StaticBatch:
             if full:
                 self.k[i][:, :, cols] = k
                 self.v[i][:, :, cols] = v
-                keys, vals = self.k[i], self.v[i]
+                keys, vals = self.k[i][:, :, lo:hi], self.v[i][:, :, lo:hi]
             else:
                 r = rows[0]  # a prefill: one row
                 self.k[i][r, :, cols] = k[0]
                 self.v[i][r, :, cols] = v[0]
-                keys, vals = self.k[i][r:r + 1], self.v[i][r:r + 1]
+                keys, vals = self.k[i][r:r + 1, :, lo:hi], self.v[i][r:r + 1, :, lo:hi]
             a = torch.nn.functional.scaled_dot_product_attention(
                 q, keys, vals, attn_mask=mask, scale=at.scaling, enable_gqa=q.shape[1] != keys.shape[1])
             x = x + at.o_proj(a.transpose(1, 2).reshape(b, n, -1))
@@ -238,11 +240,10 @@ class StaticBatch:
         self.live[row] = False
         self.live[row, c0:self.t] = True
         cols = torch.arange(c0, self.t, device=self.device)
-        mask = torch.zeros(1, 1, n, self.S, dtype=torch.bool, device=self.device)
-        mask[0, 0, :, c0:self.t] = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()[None, None]
         ids = torch.tensor([prompt], device=self.device)
         pos = torch.arange(n, device=self.device)[None]
-        h = self._forward(ids, pos, torch.tensor([row], device=self.device), cols, mask)
+        h = self._forward(ids, pos, torch.tensor([row], device=self.device), cols, mask, lo=c0)
         self.pos[row] = n
         return self.model.lm_head(h[0, -1])
 
@@ -252,10 +253,13 @@ class StaticBatch:
             self._pack()
         t = self.t
         self.live[:, t] = active
-        mask = self.live[:, None, None, :].clone()
-        mask[~active, 0, 0, t] = True  # an idle row must still see one column (its output is discarded)
+        # attend only to columns some row still uses (live spans all end at the clock)
+        lo = max(0, t + 1 - int(self.live[:, max(0, t + 1 - self.span):t + 1].sum(1).max()))
+        mask = self.live[:, None, None, lo:t + 1].clone()
+        mask[~active, 0, 0, t - lo] = True  # an idle row must still see one column (its output is discarded)
         cols = torch.tensor([t], device=self.device)
-        h = self._forward(tokens[:, None], self.pos[:, None], torch.arange(self.B, device=self.device), cols, mask)
+        h = self._forward(tokens[:, None], self.pos[:, None], torch.arange(self.B, device=self.device), cols, mask,
+                          lo=lo)
         self.pos += active.long()
         self.t = t + 1
         return self.model.lm_head(h[:, -1])
