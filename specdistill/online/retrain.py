@@ -337,7 +337,7 @@ def run(cfg, ocfg: OnlineConfig) -> dict:
             s["speedup"] = base / ev_s["overall"]["wall_time_s"]
         report["scores"] = {"held_out_questions": len(st["holdout"]), "serving": s, "challenger": c,
                             "seconds": round(time.time() - t2, 1)}
-        gate.ensure_initial(serving, state, ev_s)
+        gate.ensure_initial(serving, state, s)  # s: speed-up measured against the challenger's baseline
         ok, why = gate.decide(ev_s, ev_c, ocfg.min_tau_gain)
         report["decision"], report["reason"] = ("promoted" if ok else "rejected"), why
         if ok:
