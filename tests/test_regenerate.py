@@ -203,3 +203,18 @@ def test_static_engine_keeps_finished_conversations_on_interruption(tmp_path, ti
     monkeypatch.setattr(rg.StaticBatch, "step", real)
     s = rg.regenerate([short, long], tiny_target, out, max_new_tokens=3, batch_size=2, engine="static")
     assert s["skipped_done"] == 1 and [r["id"] for r in _lines(out)] == ["s", "l"]
+
+
+def test_gzip_corpus_appends_and_survives_a_torn_member(tmp_path, tiny_target, tiny_conversations):
+    import gzip
+
+    out = tmp_path / "corpus.jsonl.gz"
+    rg.regenerate(tiny_conversations, tiny_target, out, max_new_tokens=3, batch_size=2, limit=2)
+    first = rg.read_records(out)
+    with open(out, "ab") as f:  # a crash in the middle of writing the next member
+        f.write(gzip.compress(b'{"id": "c2", "conversations": []}\n')[:15])
+    s = rg.regenerate(tiny_conversations, tiny_target, out, max_new_tokens=3, batch_size=2, limit=4)
+    assert s["skipped_done"] == 2 and s["total_written"] == 4
+    recs = [json.loads(x) for x in gzip.open(out, "rt").read().splitlines()]  # any gzip reader sees it whole
+    assert [r["id"] for r in recs] == ["c0", "c1", "c2", "c3"] and recs[:2] == first
+    assert out.stat().st_size < len("".join(json.dumps(r) + "\n" for r in recs))

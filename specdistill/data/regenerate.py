@@ -9,7 +9,8 @@ static engine (`StaticBatch`, the default for Llama-layout targets) decodes up t
 once over a preallocated KV cache and refills a row the moment its turn ends; `--engine hf` runs
 rounds of batched, left-padded HF `generate` instead. Greedy answers are the same from both.
 
-Output: `data/regenerated/<source>-<key>.jsonl`, one ShareGPT record a line (a valid `data.source`):
+Output: `data/regenerated/<source>-<key>.jsonl` (`.jsonl.gz` with --gzip: one gzip member per record,
+so it stays appendable), one ShareGPT record a line (the .jsonl is a valid `data.source`):
     {"id", "conversations": [{"from": "system"|"human"|"gpt", "value"}], "regenerated": {...}}
 The key hashes the target, the source and the generation settings (not --limit), so a later run
 with a larger --limit continues the same file. The file is append-only; each conversation is
@@ -37,7 +38,7 @@ DEFAULT_ROOT = "data/regenerated"
 _FROM = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
-def output_path(root: str | Path, source: str, target, settings: dict) -> Path:
+def output_path(root: str | Path, source: str, target, settings: dict, gzip: bool = False) -> Path:
     from specdistill.data.features import target_fingerprint
     from specdistill.data.sources import resolve
 
@@ -46,14 +47,54 @@ def output_path(root: str | Path, source: str, target, settings: dict) -> Path:
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     name = "sharegpt" if source == "default" else Path(source.removeprefix("hf:").partition("#")[0]).stem
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "data"
-    return Path(root) / f"{name}-{key}.jsonl"
+    return Path(root) / f"{name}-{key}.jsonl{'.gz' if gzip else ''}"
+
+
+def is_gzip(path: str | Path) -> bool:
+    return str(path).endswith(".gz")
+
+
+def _read_gzip_members(path: Path) -> bytes:
+    """The text of a multi-member gzip file (one member per appended record); a torn last member
+    (crash mid-write) is cut off the file so later appends stay readable."""
+    import zlib
+
+    raw = path.read_bytes()
+    out, pos, good = [], 0, 0
+    while pos < len(raw):
+        d = zlib.decompressobj(wbits=31)
+        try:
+            chunk = d.decompress(raw[pos:])
+        except zlib.error:
+            break
+        if not d.eof:
+            break
+        out.append(chunk)
+        pos = len(raw) - len(d.unused_data)
+        good = pos
+    if good < len(raw):
+        log.warning("%s: dropping a half-written last gzip member (%d bytes)", path, len(raw) - good)
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return b"".join(out)
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a regenerated .jsonl or .jsonl.gz file."""
+    path = Path(path)
+    data = _read_gzip_members(path) if is_gzip(path) else path.read_bytes()
+    return [json.loads(x) for x in data.splitlines() if x.strip()]
 
 
 def done_ids(path: Path) -> set[str]:
     """Ids already written; a torn last line (crash mid-write) is cut off so appends stay valid JSONL."""
     if not path.exists():
         return set()
-    data = path.read_bytes()
+    if is_gzip(path):
+        data = _read_gzip_members(path)
+        data = data[:data.rfind(b"\n") + 1]
+    else:
+        data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     if end < len(data):
         log.warning("%s: dropping a half-written last line (%d bytes)", path, len(data) - end)
@@ -276,6 +317,7 @@ def regenerate(conversations: Iterable, target, out_path: str | Path, *, max_new
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = done_ids(out_path)
+    gz = is_gzip(out_path)
     gen = Generator(target, max_new_tokens, temperature, top_p, seed)
     stats = {"written": 0, "skipped_done": 0, "skipped_no_turn": 0, "turns": 0, "turns_cut_by_length": 0,
              "finish_length": 0}
@@ -340,10 +382,19 @@ def regenerate(conversations: Iterable, target, out_path: str | Path, *, max_new
         rec = {"id": st["id"], "conversations": [{"from": _FROM[m["role"]], "value": m["content"]} for m in hist],
                "regenerated": {"turns": len(st["finish"]), "finish": st["finish"], "new_tokens": st["new_tokens"],
                                "temperature": temperature}}
-        with open(out_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = json.dumps(rec, ensure_ascii=False) + "\n"
+        if gz:  # one gzip member per record: appendable, and a torn member is cut off on resume
+            import gzip
+
+            with open(out_path, "ab") as f:
+                f.write(gzip.compress(line.encode("utf-8"), compresslevel=9, mtime=0))
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            with open(out_path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
         stats["written"] += 1
 
     def gather() -> tuple[list[list[int]], list[dict]]:
@@ -519,7 +570,7 @@ def run(args) -> int:
                 "seed": args.seed, "max_prompt_tokens": args.max_prompt_tokens}
     # greedy answers are the same from either engine; sampled ones are not, so they key the file apart
     key = dict(settings, engine=args.engine) if args.temperature > 0 else settings
-    path = Path(args.output) if args.output else output_path(args.out, source, target, key)
+    path = Path(args.output) if args.output else output_path(args.out, source, target, key, gzip=args.gzip)
     counter = SkipCounter()
     print(f"[regenerate] {source} -> {path}", file=sys.stderr)
     stats = regenerate(iter_conversations(source, counter), target, path, batch_size=args.batch_size,
@@ -550,6 +601,9 @@ def register_data_subcommand(data_subparsers) -> None:
                    help="stop a conversation at the first turn whose prompt is longer (training cuts samples "
                         "at data.max_length anyway, default 512)")
     p.add_argument("--out", default=DEFAULT_ROOT, help="output folder (file name is keyed by target+source+settings)")
+    p.add_argument("--gzip", action="store_true",
+                   help="write <keyed name>.jsonl.gz (one gzip member per conversation, appendable; `zcat` it "
+                        "to a .jsonl for data.source)")
     p.add_argument("--output", default="", help="explicit output .jsonl (overrides --out's keyed name)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is much faster when other jobs share the cores")
