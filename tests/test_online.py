@@ -311,3 +311,27 @@ def test_retrain_warm_starts_a_small_lm_drafter(world, tmp_path):
     meta = json.loads((serving / "specdistill_export.json").read_text())
     assert meta["family"] == "small_lm" and meta["drafter_config"]["keep_layers"] == [0, 1]
     assert os.readlink(serving) != str(native) and _tree_hash(native) != _tree_hash(serving)
+
+
+def test_logs_directory_is_a_data_source(tmp_path):
+    """data.source=logs:<dir>: every complete record of every log file; a served response is the
+    assistant turn; bad lines counted with file:line; a half-written last line is not read."""
+    from specdistill.data.sources import iter_conversations, resolve
+    from specdistill.data.stats import SkipCounter
+
+    d = tmp_path / "logs"
+    d.mkdir()
+    (d / "a.jsonl.1").write_text(json.dumps({"prompt": "old question", "response": "old answer"}) + "\n")
+    (d / "a.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "response": "hello"})
+                               + "\n{broken\n" + json.dumps({"prompt": "no answer yet"}) + "\n"
+                               + '{"prompt": "half wri')
+    counter = SkipCounter()
+    convs = list(iter_conversations(f"logs:{d}", counter))
+    assert [c.messages[-1]["content"] for c in convs] == ["old answer", "hello", "no answer yet"]
+    assert convs[0].messages[-1]["role"] == "assistant" and convs[2].messages[-1]["role"] == "user"
+    assert counter.skipped.get("invalid_json") == 1, counter.skipped
+    before = resolve(f"logs:{d}").identity()
+    with (d / "a.jsonl").open("a") as f:
+        f.write('tten"}\n')
+    assert resolve(f"logs:{d}").identity() != before  # the cache key follows the logs
+    assert len(list(iter_conversations(f"logs:{d}", SkipCounter()))) == 4

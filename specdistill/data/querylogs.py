@@ -14,8 +14,10 @@ Reading never stops at a bad line: it is skipped and counted by reason (data/sta
 returned offset stops before it, so the next run reads it whole. Files are `*.jsonl` and rotated
 `*.jsonl.<n>`, oldest first.
 
-`specdistill retrain` reads the logs through the ledger (ledger.py: only what is new). The reader
-stays on this floor: data/ (floor 3) may not import online/ (floor 8), tests/test_architecture.py.
+`specdistill retrain` reads the logs through its ledger (online/ledger.py: only what is new);
+`data.source=logs:<dir>` reads every complete record of every log file (`LogsSource`): a logged
+response is the assistant turn, and records without one are kept for `specdistill data regenerate`
+(the target writes the answer) but skipped as `no_assistant_turn` by training data preparation.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 from specdistill.data.sources import (
     MAX_DEPTH,
     ROLE_ALIASES,
+    Conversation,
     SourceError,
     has_bad_text,
     too_deep,
@@ -192,3 +195,22 @@ def log_files(directory: str | Path) -> list[Path]:
         m = LOG_NAME.search(p.name)
         return (p.name[:m.start()], -int(m.group(1)[1:]) if m.group(1) else 0, p.name)
     return sorted(files, key=order)
+
+
+class LogsSource:
+    """`data.source=logs:<dir>`: the query logs as conversations (prompt turns + the served response)."""
+
+    def __init__(self, spec: str, directory: Path):
+        self.spec, self.path = spec, Path(directory).expanduser()
+        self.files = log_files(self.path)
+
+    def identity(self) -> str:
+        parts = [f"{p.name}|{p.stat().st_size}|{int(p.stat().st_mtime)}" for p in self.files]
+        return f"logs:{self.path.resolve()}|" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+    def iter(self, counter: SkipCounter):
+        for path in self.files:
+            records, _, _, _ = read_from(path, 0, 1, counter)
+            for rec in records:
+                turns = rec.prompt + ([{"role": "assistant", "content": rec.response}] if rec.response else [])
+                yield Conversation(rec.key, turns, rec.where)

@@ -565,9 +565,13 @@ class Source:
 
 
 def resolve(source: str) -> Source:
-    """'default' | path | hf:<x> -> Source; a local file that cannot be read is a SourceError now."""
+    """'default' | path | hf:<x> | logs:<dir> -> Source; a local file that cannot be read is a SourceError now."""
     if source == "default":
         return Source(source, default_sharegpt_path())
+    if source.startswith("logs:"):  # a directory of JSONL query logs (data/querylogs.py)
+        from specdistill.data.querylogs import LogsSource
+
+        return LogsSource(source, Path(source[5:]))
     if source.startswith("hf:"):
         spec = source[3:]
         if not spec:

@@ -1,6 +1,6 @@
 """Online distillation (OSD, arXiv 2310.07177) as a scheduled job: `specdistill retrain`.
 
-    logs.py     JSONL query logs -> prompt records (bad lines counted by reason with file:line;
+    (data/querylogs.py) JSONL query logs -> prompt records (bad lines counted by reason with file:line;
                 a half-written last line is left for the next run); also the `logs:<dir>` data source
     ledger.py   what was consumed (file identity, offset, fingerprints, record hashes): nothing twice,
                 nothing lost, rotated/rewritten files detected

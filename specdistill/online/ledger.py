@@ -20,8 +20,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from specdistill.data.querylogs import LogRecord, log_files, read_from
 from specdistill.data.stats import SkipCounter
-from specdistill.online.logs import LogRecord, log_files, read_from
 
 FINGERPRINT = 4096
 MAX_SEEN = 500_000

@@ -50,7 +50,7 @@ FAULT = None
 @dataclass
 class OnlineConfig:
     logs: str = ""
-    """Directory of JSONL query logs (specdistill/online/logs.py describes the records)."""
+    """Directory of JSONL query logs (specdistill/data/querylogs.py describes the records)."""
     serving: str = ""
     """The drafter in service: a native export directory, or a symlink to one (promotions swap it)."""
     state: str = ""
