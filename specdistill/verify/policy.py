@@ -84,7 +84,7 @@ class VerifyCost:
 
     @classmethod
     @torch.inference_mode()
-    def measure(cls, target, max_tokens: int = 8, context: int = 128, repeats: int = 3) -> VerifyCost:
+    def measure(cls, target, max_tokens: int = 8, context: int = 128, repeats: int = 5) -> VerifyCost:
         """Time one cached target pass over 1 .. max_tokens+1 tokens (median of `repeats`, interleaved)."""
         from transformers import DynamicCache
 
@@ -177,8 +177,15 @@ class AdaptivePolicy:
 
     # -- the model -------------------------------------------------------------------------
     def alpha(self) -> list[float]:
-        """alpha_1..alpha_K, posterior means under a Beta(1, 1) prior."""
-        return [(self.acc[i] + 1.0) / (self.off[i] + 2.0) for i in range(1, self.max_tokens + 1)]
+        """alpha_1..alpha_K, posterior means. Position 1 has a Beta(1, 1) prior; position i > 1 a prior of
+        weight 2 centred on alpha_{i-1}, so a drafter that is good at position 1 gets its longer drafts
+        tried (and measured) instead of being held back by an uninformed 0.5 further out."""
+        out, prior = [], 0.5
+        for i in range(1, self.max_tokens + 1):
+            a = (self.acc[i] + 2.0 * prior) / (self.off[i] + 2.0)
+            out.append(a)
+            prior = a
+        return out
 
     def expected_tokens(self, k: int) -> float:
         e, p = 1.0, 1.0

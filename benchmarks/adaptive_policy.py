@@ -1,0 +1,127 @@
+"""Speed-up of each drafter over plain decoding with and without the adaptive policy (verify/policy.py),
+on the embedded target; prints JSON.
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/adaptive_policy.py --threads 1 \
+        > benchmarks/results/adaptive_policy.json
+
+Drafters: the shipped reference EAGLE-3 drafter, an untrained EAGLE-3 drafter of the same config (random
+weights, the reference's draft vocabulary), prompt lookup (pld) and the target's first 4 layers
+(truncated:4). Prompts: the first turn of the first Spec-Bench question of each category, greedy.
+Per prompt the three runs (plain, fixed k, adaptive) are interleaved, rotating which goes first, so
+machine-load drift hits them alike; speed-up = plain wall time / wall time, summed over prompts.
+Every output is checked against the plain greedy one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_proposers(target, names: list[str], k: int) -> dict:
+    from specdistill.drafters.eagle import EagleDrafter
+    from specdistill.loading import load_drafter, load_proposer
+    from specdistill.verify.proposer import ProposerOptions
+
+    opts = ProposerOptions(num_draft_tokens=k)
+    ref_dir = ROOT / "reference" / "eagle3-smollm2-135m"
+    out = {}
+    for name in names:
+        if name == "reference":
+            out[name] = load_proposer(str(ref_dir), target, opts)
+        elif name == "untrained":
+            ref = load_drafter(ref_dir, target)
+            torch.manual_seed(0)
+            fresh = EagleDrafter(ref.cfg, target).eval()
+            fresh.set_vocab_map(ref.d2t.clone(), ref.t2d.clone())
+            out[name] = fresh.proposer(target, opts)
+        else:
+            out[name] = load_proposer(name, target, opts)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--drafters", default="reference,untrained,pld,truncated:4")
+    ap.add_argument("--per-category", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--num-draft-tokens", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from specdistill import targets
+    from specdistill.data.questions import load_questions
+    from specdistill.train.logging import stdout_to_stderr
+    from specdistill.verify.evaluate import encode_chat
+    from specdistill.verify.policy import AdaptivePolicy, VerifyCost
+    from specdistill.verify.verifier import Verifier
+
+    t_start = time.time()
+    with stdout_to_stderr():
+        target = targets.load("default")
+        qs = load_questions(None, args.per_category).questions
+        prompts = [encode_chat(target.tokenizer, [{"role": "user", "content": q.turns[0]}]) for q in qs]
+        ver = Verifier(target)
+        t0 = time.perf_counter()
+        cost = VerifyCost.load_or_measure(target, max(8, args.num_draft_tokens))
+        cost_s = time.perf_counter() - t0
+        proposers = build_proposers(target, args.drafters.split(","), args.num_draft_tokens)
+    N = args.max_new_tokens
+    ver.generate(prompts[0], None, max_new_tokens=8)  # warm-up
+    results = {}
+    for name, prop in proposers.items():
+        policy = AdaptivePolicy(cost, max_tokens=args.num_draft_tokens)
+        ver.generate(prompts[0], prop, max_new_tokens=8)
+        wall = {"plain": 0.0, "fixed": 0.0, "adaptive": 0.0}
+        steps = {"plain": 0, "fixed": 0, "adaptive": 0}
+        toks = {"plain": 0, "fixed": 0, "adaptive": 0}
+        identical = True
+        for i, ids in enumerate(prompts):
+            order = ["plain", "fixed", "adaptive"]
+            order = order[i % 3:] + order[:i % 3]
+            out = {}
+            for mode in order:
+                if mode == "plain":
+                    r = ver.generate(ids, None, max_new_tokens=N)
+                elif mode == "fixed":
+                    r = ver.generate(ids, prop, max_new_tokens=N)
+                else:
+                    r = ver.generate(ids, prop, max_new_tokens=N, policy=policy)
+                out[mode] = r
+                wall[mode] += r.wall_time
+                steps[mode] += r.steps
+                toks[mode] += len(r.tokens)
+            identical &= out["fixed"].tokens == out["plain"].tokens == out["adaptive"].tokens
+        results[name] = {
+            "speedup_fixed": wall["plain"] / wall["fixed"], "speedup_adaptive": wall["plain"] / wall["adaptive"],
+            "tau_fixed": toks["fixed"] / steps["fixed"], "tau_adaptive": toks["adaptive"] / steps["adaptive"],
+            "plain_tokens_per_s": toks["plain"] / wall["plain"], "wall_s": wall, "identical_to_greedy": identical,
+            "policy": policy.summary(),
+        }
+        print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+    res = {
+        "benchmark": "adaptive_policy", "command": "python " + shlex.join(["benchmarks/adaptive_policy.py", *sys.argv[1:]]),
+        "target": target.name, "prompts": len(prompts), "max_new_tokens": N,
+        "num_draft_tokens": args.num_draft_tokens, "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(), "verify_cost_s": cost.seconds[1:], "verify_cost_measure_s": cost_s,
+        "drafters": results,
+        "goal_min_speedup_adaptive": 0.97,
+        "goal_met": all(r["speedup_adaptive"] >= 0.97 for r in results.values()),
+        "seconds": time.time() - t_start,
+    }
+    print(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
