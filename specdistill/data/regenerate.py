@@ -576,7 +576,8 @@ def run(args) -> int:
     stats = regenerate(iter_conversations(source, counter), target, path, batch_size=args.batch_size,
                        limit=args.limit, progress=True, engine=args.engine, **settings)
     stats["source_skipped"] = counter.total_skipped
-    stats["use_with"] = f"data.source={path}"
+    stats["use_with"] = (f"zcat {path} > {str(path)[:-3]} && data.source={str(path)[:-3]}" if is_gzip(path)
+                         else f"data.source={path}")
     print(json.dumps(stats, indent=1))
     return 0
 
