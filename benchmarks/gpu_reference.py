@@ -263,6 +263,19 @@ def _plan_parts(root: Path, files: list[Path], part_mb: float) -> list[list[str]
     return out
 
 
+def _tree_bytes() -> int | None:
+    """Bytes of the checkout that travels with every device call (tracked + untracked-not-ignored)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        names = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=repo, capture_output=True,
+                               check=True, timeout=30).stdout.split(b"\0")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sum((repo / n.decode()).stat().st_size for n in names if n and (repo / n.decode()).is_file())
+
+
 def prepare(args) -> dict:
     from specdistill import targets
     from specdistill.config import TargetConfig
@@ -324,6 +337,11 @@ def prepare(args) -> dict:
         "command": "benchmarks/gpu_reference.sh prepare " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
     }
     manifest["total_bytes"] = sum(v["bytes"] for v in manifest["files"].values())
+    tree = _tree_bytes()
+    if tree is not None:  # what travels with each call besides the part: the checkout (64 MiB in all)
+        manifest["tree_bytes"] = tree
+        manifest["call_bytes"] = [tree + sum(manifest["files"][r]["bytes"] for r in part) for part in parts]
+        manifest["calls_fit_64MiB"] = all(b <= 64 * 2**20 for b in manifest["call_bytes"])
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -497,8 +515,8 @@ def main(argv=None) -> dict:
     p.add_argument("--prompts", type=int, default=6000, help="conversations kept")
     p.add_argument("--max-turns", type=int, default=2, help="user turns kept per conversation")
     p.add_argument("--max-chars", type=int, default=2000, help="characters kept per message")
-    p.add_argument("--shard-mb", type=float, default=30.0, help="largest target shard (MB)")
-    p.add_argument("--part-mb", type=float, default=36.0,
+    p.add_argument("--shard-mb", type=float, default=18.0, help="largest target shard (MB)")
+    p.add_argument("--part-mb", type=float, default=40.0,
                    help="largest part folder (MB); the repo tree (~22 MB) travels with each part, 64 MiB in all")
     p.add_argument("--no-codecs", action="store_true", help="store every target tensor as it is (fp32)")
     p.add_argument("--force", action="store_true")
@@ -526,7 +544,8 @@ def main(argv=None) -> dict:
     r.add_argument("--init-from", default="", help="warm start (e.g. reference/eagle3-smollm2-135m)")
     r.add_argument("--export-dtype", default="bfloat16")
     r.add_argument("--out-shard-mb", type=float, default=16.0)
-    r.add_argument("--eval-per-category", type=int, default=1, help="Spec-Bench scoring after training; <0 = skip")
+    r.add_argument("--eval-per-category", type=int, default=None,
+                   help="Spec-Bench questions per category scored after training; <0 = skip (default 1, smoke -1)")
     r.add_argument("--eval-max-new-tokens", type=int, default=64)
     r.add_argument("--set", action="append", help="extra recipe override key=value (repeatable)")
     a = sub.add_parser("assemble", help="HERE: shards from `run` -> a native export directory")
@@ -539,6 +558,8 @@ def main(argv=None) -> dict:
                  "train_minutes": 5.0, "eval_max_new_tokens": 8}
         for k, v in smoke.items():
             setattr(args, k, v)
+    if args.cmd == "run" and args.eval_per_category is None:
+        args.eval_per_category = -1 if args.smoke else 1
     from specdistill.train.logging import stdout_to_stderr
 
     with stdout_to_stderr():
