@@ -96,3 +96,24 @@ def test_verify_cost_is_measured_once_and_cached(tmp_path, setup, monkeypatch):
     assert json.loads(files[0].read_text())["key"]["threads"] == torch.get_num_threads()
     monkeypatch.setattr(VerifyCost, "measure", classmethod(lambda *a, **k: pytest.fail("measured again")))
     assert VerifyCost.load_or_measure(target, max_tokens=3, cache_dir=tmp_path).seconds == a.seconds
+
+
+def test_eval_adaptive_option_reaches_the_verifier(tmp_path, tiny_target, monkeypatch):
+    """`eval --adaptive` / eval.adaptive: score() builds the policy from the cached cost curve, the
+    verifier uses it, and eval.json records its summary; greedy output stays identical."""
+    import argparse
+
+    from specdistill import config, scoring
+
+    monkeypatch.setenv("SPECDISTILL_CACHE", str(tmp_path / "cache"))
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["hello there, say more"]}) + "\n")
+    res = scoring.score(tiny_target, "pld", tmp_path / "out", questions=str(q), max_new_tokens=10, progress=False,
+                        quiet=True, adaptive=True)
+    pol = res["settings"]["adaptive"]
+    assert res["overall"]["identical_to_greedy"] is True and pol["passes"] >= 9
+    assert len(list((tmp_path / "cache" / "verify_cost").glob("*.json"))) == 1
+    p = argparse.ArgumentParser()
+    scoring.add_arguments(p)
+    assert p.parse_args(["--drafter", "pld", "--adaptive"]).adaptive is True
+    assert config.EvalConfig().adaptive is False
