@@ -164,10 +164,11 @@ def write_shards(tensors: dict[str, torch.Tensor], out_dir: str | Path, stem: st
             row_bytes = arr[0].numel() * arr.element_size() if arr.dim() and arr.shape[0] else arr.nbytes
             rows = max(1, limit // max(1, row_bytes)) if arr.dim() else 1
             keys = []
-            chunks = [arr] if arr.dim() == 0 or arr.nbytes <= limit else list(arr.split(rows, 0))
+            # split pieces are cloned: views of one storage in one file are refused by safetensors
+            chunks = [arr] if arr.dim() == 0 or arr.nbytes <= limit else [c.clone() for c in arr.split(rows, 0)]
             for i, c in enumerate(chunks):
                 key = f"{name}::{pname}::{i}"
-                pieces.append((key, c.contiguous()))
+                pieces.append((key, c))
                 keys.append(key)
             entry["parts"][pname] = keys
         entries[name] = entry
