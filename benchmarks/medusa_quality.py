@@ -62,7 +62,8 @@ def training_state(run_dir: Path) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val/loss" in r]
-    out = {"steps": train[-1]["step"] if train else 0, "last_loss": round(train[-1]["loss"], 4) if train else None}
+    out = {"steps": max((r["step"] for r in rows), default=0),  # the final validation row carries the last step
+           "last_logged_loss": round(train[-1]["loss"], 4) if train else None}
     if val:
         v = val[-1]
         out["val_top1_vs_data_labels"] = [
