@@ -322,3 +322,42 @@ def test_recipe_trains_exports_native_and_scores(tmp_path):
     assert exported == ["native"]
     ev = json.loads((out / "export" / "native" / "eval.json").read_text())
     assert ev["overall"]["identical_to_greedy"] is True
+
+
+@pytest.mark.embedded
+def test_overfit_on_real_target_drafts_the_memorised_continuation():
+    """On the embedded SmolLM2 (id 0 is <|endoftext|>, so the blank is the extra id Vd = 512): after
+    overfitting one greedy continuation, the best CTC candidate from verifier-style states reproduces
+    it for >= 2 tokens on average, and the trie verifies token-identically to greedy decoding."""
+    from specdistill import targets
+
+    target = targets.load("default")
+    enc = target.tokenizer.apply_chat_template([{"role": "user", "content": "Write a short story about a cat."}],
+                                               add_generation_prompt=True, return_tensors="pt")
+    prompt = (enc["input_ids"] if hasattr(enc, "keys") else enc)[0]
+    ver = Verifier(target)
+    ref = ver.generate(prompt, None, max_new_tokens=24, eos_token_ids=[])
+    seq = torch.cat([prompt, torch.tensor(ref.tokens)])
+    p = prompt.numel()
+    lm = torch.zeros_like(seq)
+    lm[p:] = 1
+    b = {"input_ids": seq[None], "attention_mask": torch.ones_like(seq)[None], "loss_mask": lm[None]}
+    d = _build(target, b, draft_vocab_size=512, min_candidate_prob=0.0)
+    assert d.blank_id == 512 and d.layer_ids == [target.num_layers]
+    tout = _tout(target, d, b)
+    _fit(d.train(), b, tout, steps=40, lr=1e-3)
+    d.eval()
+    hs = {i: h[0] for i, h in tout.hidden_states.items()}
+    pr = d.proposer(target, ProposerOptions(tree=(1, 1, 1)), dtype="float32")
+    accepted = []
+    for n in range(p + 1, seq.numel() - 3):
+        pr.reset(None)
+        draft = pr.propose(ProposerState(seq[:n], {i: h[:n - 1] for i, h in hs.items()}))
+        k = 0
+        while k < len(draft) and draft.tokens[k] == seq[n + k]:
+            k += 1
+        accepted.append(k)
+    assert sum(accepted) / len(accepted) >= 2.0, accepted
+    res = ver.generate(prompt, d.proposer(target, ProposerOptions(num_draft_tokens=4)), max_new_tokens=24,
+                       eos_token_ids=[])
+    assert res.tokens == ref.tokens and res.steps < len(ref.tokens) / 2
