@@ -11,11 +11,13 @@ vllm_medusa   config.json  {"architectures": ["MedusaModel"], "model_type": "med
     each of these before anything is written. Serve with
     --speculative-config '{"method": "medusa", "model": DIR, "num_speculative_tokens": K}', K <= num_heads.
 medusa_fd     config.json  {"medusa_num_heads", "medusa_num_layers", "base_model_name_or_path", ...}
-              model.safetensors  {k}.{l}.linear.weight, {k}.{l}.linear.bias, {k}.{L}.weight [V, H]
-    The Medusa-1.0 per-head layout (FasterDecoding's trainer writes these keys to
-    medusa_lm_head.safetensors; its loaders read only medusa_lm_head.pt): rename the file, or
-    `torch.save(safetensors.torch.load_file(...), "medusa_lm_head.pt")`, to load it there. Its heads are
-    full-vocabulary, so a reduced head vocabulary cannot be written in it (engine gap).
+              medusa_lm_head.safetensors (= model.safetensors, a hard link)  {k}.{l}.linear.weight,
+                                 {k}.{l}.linear.bias, {k}.{L}.weight [V, H]
+    The Medusa-1.0 per-head layout, in the file FasterDecoding's trainer writes; its loaders read only
+    medusa_lm_head.pt: `torch.save(safetensors.torch.load_file("medusa_lm_head.safetensors"),
+    "medusa_lm_head.pt")` to load it there (the model card says so). Its heads are full-vocabulary, so a
+    reduced head vocabulary cannot be written in it (engine gap).
+Both write medusa_tree.json (held-out accuracy counts per head and rank, and the static sparse tree).
 
 Both reload here through `specdistill.loading.load_drafter` (the drafter config rides in specdistill_export.json).
 """
@@ -23,6 +25,7 @@ Both reload here through `specdistill.loading.load_drafter` (the drafter config 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -59,6 +62,40 @@ def fd_gap(drafter) -> str | None:
                 f"({info['draft_vocab_size']} of {info['vocab_size']}): use vllm_medusa, or train with "
                 "drafter.draft_vocab_size=0")
     return None
+
+
+TREE_FILE = "medusa_tree.json"
+FD_WEIGHTS = "medusa_lm_head.safetensors"
+
+
+def tree_files(drafter, target, out_dir) -> dict:
+    """medusa_tree.json: what the sparse tree is built from, so an engine-layout export drafts the same tree here."""
+    return {TREE_FILE: common.json_writer(_meta_extra(drafter))}
+
+
+def fd_files(drafter, target, out_dir) -> dict:
+    def link(p: Path) -> None:  # written after model.safetensors (common.write_export's order): no second copy
+        os.link(p.parent / "model.safetensors", p)
+
+    return {**tree_files(drafter, target, out_dir), FD_WEIGHTS: link}
+
+
+def card_serving(inp, repo: str) -> list[str]:
+    """Model-card serving text (export/card.py `_serving`)."""
+    k = int(inp.meta.get("drafter_config", {}).get("num_heads", 4))
+    changed = ["", "**The target was fine-tuned with LoRA (Medusa-2):** serve the adapted target, the run's "
+               "`native` export ships `target_adapter.safetensors` (`export.target_adapters=merged` writes a merged "
+               "target); with the original target these heads draft for a model that no longer exists."] \
+        if inp.meta.get("target_changed") else []
+    if inp.meta.get("format") == FD:
+        return ["### FasterDecoding Medusa", "",
+                f"`config.json` and `{FD_WEIGHTS}` are FasterDecoding's Medusa-1.0 layout; its loaders read only "
+                "`medusa_lm_head.pt`, so convert first: `torch.save(safetensors.torch.load_file("
+                f"'{FD_WEIGHTS}'), 'medusa_lm_head.pt')`.", *changed, ""]
+    spec = json.dumps({"method": "medusa", "model": repo, "num_speculative_tokens": k}, separators=(",", ":"))
+    return ["### vLLM", "", "```bash", f"vllm serve {inp.meta.get('target', '<target>')} --speculative-config '{spec}'",
+            "```", "", f"`num_speculative_tokens` must not exceed the {k} exported heads (vLLM would run "
+            "uninitialised heads); vLLM V1 drafts a chain (top-1 of each head), not the sparse tree.", *changed, ""]
 
 
 def _meta_extra(drafter) -> dict:
@@ -172,7 +209,7 @@ def write_vllm(drafter, target, out_dir: str | Path, dtype: str = "bfloat16") ->
     cfg, tensors = build_vllm(drafter, target, dtype)
     check_vllm(cfg, tensors)
     meta = {**common.metadata(drafter, target, VLLM, dtype), **_meta_extra(drafter)}
-    return common.write_export(Path(out_dir), cfg, tensors, meta)
+    return common.write_export(Path(out_dir), cfg, tensors, meta, extra=tree_files(drafter, target, out_dir))
 
 
 # -- FasterDecoding --------------------------------------------------------------------------------------
@@ -214,7 +251,7 @@ def write_fd(drafter, target, out_dir: str | Path, dtype: str = "bfloat16") -> P
     cfg, tensors = build_fd(drafter, target, dtype)
     check_fd(cfg, tensors)
     meta = {**common.metadata(drafter, target, FD, dtype), **_meta_extra(drafter)}
-    return common.write_export(Path(out_dir), cfg, tensors, meta)
+    return common.write_export(Path(out_dir), cfg, tensors, meta, extra=fd_files(drafter, target, out_dir))
 
 
 # -- loading back ----------------------------------------------------------------------------------------
@@ -251,9 +288,10 @@ def load(path: str | Path, target, device=None):
         t2d = torch.zeros(int(cfg["vocab_size"]), dtype=torch.bool)
         t2d[tm] = True
         sd.update(d2t=tm - torch.arange(tm.numel()), t2d=t2d)
-    if "head_accuracy_counts" in meta:
-        sd.update(acc_counts=torch.tensor(meta["head_accuracy_counts"], dtype=torch.int64),
-                  acc_totals=torch.tensor(meta["head_accuracy_totals"], dtype=torch.int64))
+    tree = json.loads((path / TREE_FILE).read_text()) if (path / TREE_FILE).is_file() else meta
+    if "head_accuracy_counts" in tree:
+        sd.update(acc_counts=torch.tensor(tree["head_accuracy_counts"], dtype=torch.int64),
+                  acc_totals=torch.tensor(tree["head_accuracy_totals"], dtype=torch.int64))
     drafter.load_state_dict(sd, strict=False)
     if device is not None:
         drafter = drafter.to(device)
@@ -262,7 +300,8 @@ def load(path: str | Path, target, device=None):
 
 formats.register(formats.ExportFormat(
     name=VLLM, build=build_vllm, check=check_vllm, engine="vLLM (MedusaModel, method medusa)", engine_gap=_gap,
-    claims=lambda p: native.is_engine_export(p, VLLM), load=load))
+    claims=lambda p: native.is_engine_export(p, VLLM), load=load, card_serving=card_serving, files=tree_files))
 formats.register(formats.ExportFormat(
-    name=FD, build=build_fd, check=check_fd, engine="FasterDecoding Medusa (rename to medusa_lm_head.*)",
-    engine_gap=fd_gap, claims=lambda p: native.is_engine_export(p, FD), load=load))
+    name=FD, build=build_fd, check=check_fd, engine="FasterDecoding Medusa (convert to medusa_lm_head.pt)",
+    engine_gap=fd_gap, claims=lambda p: native.is_engine_export(p, FD), load=load, card_serving=card_serving,
+    files=fd_files))

@@ -282,6 +282,11 @@ def test_medusa1_recipe_exports_and_reloads_bit_identical(tiny, tmp_path):
         if k.startswith(("blocks.", "lm_heads.", "d2t", "t2d")):
             assert torch.equal(v, vll.state_dict()[k]), k
     _engine_logits_match(root / "vllm_medusa", nat, target)
+    assert torch.equal(vll.acc_counts, nat.acc_counts) and (root / "vllm_medusa" / "medusa_tree.json").is_file()
+    from specdistill.export import card
+
+    text = card.build_card(root / "vllm_medusa", "me/heads")
+    assert '"method":"medusa"' in text and "num_speculative_tokens" in text and "own layout" not in text
     from specdistill import scoring
 
     q = str(tiny / "q.jsonl")
@@ -357,6 +362,7 @@ def test_exports_contract_violations_are_caught(target, batch, tmp_path):
     fcfg = json.loads((out / "config.json").read_text())
     assert fcfg["medusa_num_heads"] == 4 and fcfg["medusa_num_layers"] == 1 and fcfg["base_model_name_or_path"]
     assert "0.1.weight" in load_file(str(out / "model.safetensors"))
+    assert load_file(str(out / "medusa_lm_head.safetensors")).keys() == load_file(str(out / "model.safetensors")).keys()
     back = load_drafter(out, target)
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in full.state_dict().items() if k.startswith(("blocks", "lm_")))
     with pytest.raises(ContractError, match="medusa_num_layers"):
