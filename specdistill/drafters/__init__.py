@@ -20,7 +20,4 @@ def build(cfg, target):
 
 
 # Family modules register themselves on import; explicit, no directory scanning.
-from specdistill.drafters import eagle  # noqa: E402,F401
-from specdistill.drafters import medusa  # noqa: E402,F401
-from specdistill.drafters import ctc  # noqa: E402,F401
-from specdistill.drafters import small_lm  # noqa: E402,F401
+from specdistill.drafters import ctc, eagle, medusa, small_lm  # noqa: E402,F401
