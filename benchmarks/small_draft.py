@@ -72,7 +72,7 @@ def _step_ms(model, ctx: int = 200, reps: int = 30) -> float:
         t = time.perf_counter()
         model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
         times.append(time.perf_counter() - t)
-        cache.crop(ctx)
+        cache.crop(-1)  # back to the ctx-token prefix
     return statistics.median(times) * 1000
 
 
@@ -126,6 +126,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=3, help="draft length (chain) for eval and HF")
     p.add_argument("--hf-prompts", type=int, default=4)
     p.add_argument("--conditions", default="seqkd,fkl_l0,tvd_l0,tvd_l0.5")
+    p.add_argument("--reuse", action="store_true", help="keep the conditions an earlier run in --out finished")
     args = p.parse_args()
     torch.set_num_threads(1)
     from specdistill import drafters, export, targets
@@ -142,26 +143,44 @@ def main() -> None:
                  "target": "SmolLM2-135M-Instruct (embedded, fp32)", "draft": "pruned target layers 0-3, full vocab",
                  "threads": 1, "settings": vars(args), "conditions": {}}
 
+    prev = json.loads((out / "small_draft.json").read_text()) if args.reuse and (out / "small_draft.json").is_file() else {}
+
     def dump():
         (out / "small_draft.json").write_text(json.dumps(res, indent=1))
+
+    def reused(cond: str) -> dict | None:
+        """--reuse: an earlier run's condition whose exports are still there (its figures are kept)."""
+        d = out / cond / "export"
+        if cond in prev.get("conditions", {}) and (d / "native").is_dir() and (d / "hf_draft").is_dir():
+            res["conditions"][cond] = prev["conditions"][cond]
+            return {"native": d / "native", "hf_draft": d / "hf_draft"}
+        return None
 
     with stdout_to_stderr():
         target = targets.load("default")
         t0 = time.time()
         regen = out / "regenerated.jsonl"
+        if prev.get("regenerate"):
+            res["regenerate"] = prev["regenerate"]
         st = regenerate(iter_conversations("default", SkipCounter()), target, regen, max_new_tokens=args.regen_tokens,
                         limit=args.regen, batch_size=8)
-        res["regenerate"] = {"conversations": st["total_written"], "seconds": round(time.time() - t0, 1),
-                             "max_new_tokens": args.regen_tokens}
+        res.setdefault("regenerate", {"conversations": st["total_written"], "seconds": round(time.time() - t0, 1),
+                                      "max_new_tokens": args.regen_tokens})
         base = drafters.build(SmallLMConfig(keep_layers=[0, 1, 2, 3]), target)
-        w = export.write(base, ExportConfig(formats=["native", "hf_draft"], dtype="float32"), out / "untrained" / "export",
-                         target)
+        w = reused("untrained")
+        if w is None:
+            w = export.write(base, ExportConfig(formats=["native", "hf_draft"], dtype="float32"),
+                             out / "untrained" / "export", target)
+            res["conditions"]["untrained"] = {"train": None, "eval": _score(target, w["native"], args)}
         dirs = {"untrained": w}
-        res["conditions"]["untrained"] = {"train": None, "eval": _score(target, w["native"], args)}
         dump()
         c = [x for x in args.conditions.split(",") if x]
         names = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd", "tvd": "tvd"}
         for cond in c:
+            w = reused(cond)
+            if w is not None:
+                dirs[cond] = w
+                continue
             if cond == "seqkd":
                 recipe, extra = "seqkd", []
             else:
