@@ -177,8 +177,8 @@ def test_ttt_attention_matches_decode_time_drafting(target, batch, variant, monk
         for j in (1, 2):
             tok = ids[t + 1 + j].view(1, 1)
             emb = d.embed(tok)
-            o, kv = pr._run(d.step_input(out[None, None], emb, 1), emb, torch.tensor([t + j]), None)
-            pr._append(kv)
+            # _run writes the new position's keys/values into the preallocated draft cache itself
+            o = pr._run(d.step_input(out[None, None], emb, 1), emb, torch.tensor([t + j]), None)
             out = o[0, -1]
             assert torch.allclose(out, outs[j][0, t], atol=1e-5), f"step {j}"
 
