@@ -41,6 +41,7 @@ from specdistill import losses
 from specdistill.drafters.base import Drafter, DrafterSpec, LossOutput, register
 from specdistill.drafters.eagle_proposer import EagleProposer
 from specdistill.drafters.layers import DraftDecoderLayer, draft_llama_config, rms_norm
+from specdistill.drafters.vocab_map import DraftVocabulary
 from specdistill.errors import ConfigError
 from specdistill.verify.proposer import DraftTree, ProposerOptions, ProposerState
 
@@ -205,7 +206,7 @@ def merge_candidates(candidates, budget: int, max_depth: int) -> tuple[list[int]
 # The drafter
 
 
-class CtcDrafter(Drafter):
+class CtcDrafter(DraftVocabulary, Drafter):
     """EAGLE-1 body + CTC slots (module docstring). Target weights are held outside the module tree."""
 
     def __init__(self, cfg: CtcConfig, target):
@@ -238,15 +239,10 @@ class CtcDrafter(Drafter):
         self.blank_weight = nn.Parameter(torch.zeros(h))
         self.blank_bias = nn.Parameter(torch.zeros(1))
         self.rotary = LlamaRotaryEmbedding(lc)
-        emb, head = target.embed_tokens.weight, target.lm_head.weight
-        self._frozen = {"embed": emb.detach(), "norm": target.final_norm.weight.detach()}
-        self._frozen["head"] = self._frozen["embed"] if head is emb else head.detach()
+        self._hold_target_tensors(embed=target.embed_tokens.weight, norm=target.final_norm.weight,
+                                  head=target.lm_head.weight)
         self.target_norm_eps = float(getattr(target.final_norm, "variance_epsilon", lc.rms_norm_eps))
-        vd = self.draft_vocab_size
-        self.register_buffer("d2t", torch.zeros(vd, dtype=torch.int64))
-        self.register_buffer("t2d", torch.arange(v) < vd)
-        self.register_buffer("vocab_map_ready", torch.tensor(vd == v))
-        self.register_buffer("draft_ids", torch.arange(vd), persistent=False)
+        self._init_draft_vocabulary(v, self.draft_vocab_size)
         std = getattr(lc, "initializer_range", 0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -254,73 +250,6 @@ class CtcDrafter(Drafter):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.slot_embed, std=std)
-
-    # -- frozen target tensors (as EagleDrafter: shared storage, never saved or trained) ----------
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        done: dict[int, torch.Tensor] = {}
-        for k, t in getattr(self, "_frozen", {}).items():
-            if id(t) not in done:
-                done[id(t)] = fn(t)
-            self._frozen[k] = done[id(t)]
-        return self
-
-    def head_rows(self) -> torch.Tensor:
-        """The target LM head's rows of the draft vocabulary (Vd, H), cached per vocab map."""
-        head = self._frozen["head"]
-        if self.draft_vocab_size == self.vocab_size:
-            return head
-        rows = self._frozen.get("head_rows")
-        if rows is None or rows.dtype != head.dtype or rows.device != head.device:
-            rows = self._frozen["head_rows"] = head[self.draft_ids.to(head.device)]
-        return rows
-
-    # -- draft vocabulary ---------------------------------------------------------------------
-
-    def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
-        """Install the draft vocabulary (specdistill.data.vocab: d2t [Vd], t2d [V]) before training."""
-        d2t = torch.as_tensor(d2t, dtype=torch.int64).flatten().cpu()
-        t2d = torch.as_tensor(t2d, dtype=torch.bool).flatten().cpu()
-        if d2t.numel() != self.draft_vocab_size or t2d.numel() != self.vocab_size:
-            raise ValueError(f"vocab map shapes d2t {tuple(d2t.shape)} / t2d {tuple(t2d.shape)} do not match "
-                             f"drafter.draft_vocab_size {self.draft_vocab_size} / target vocab {self.vocab_size}")
-        ids = torch.arange(d2t.numel()) + d2t
-        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size or not bool(t2d[ids].all()) \
-                or int(t2d.sum()) != d2t.numel():
-            raise ValueError("vocab map is inconsistent: d2t must map draft ids into t2d's True entries one-to-one")
-        with torch.no_grad():
-            self.d2t.copy_(d2t)
-            self.t2d.copy_(t2d)
-            self.draft_ids.copy_(ids.to(self.draft_ids.device))
-            self.vocab_map_ready.fill_(True)
-        self._frozen.pop("head_rows", None)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        with torch.no_grad():  # draft_ids is derived from the persistent d2t
-            self.draft_ids.copy_(torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t)
-        self._frozen.pop("head_rows", None)
-
-    def to_draft_ids(self, target_ids: torch.Tensor) -> torch.Tensor:
-        """Target ids -> draft ids, -1 for tokens outside the draft vocabulary."""
-        if self.draft_vocab_size == self.vocab_size:
-            return target_ids
-        inv = torch.full((self.vocab_size,), -1, dtype=torch.int64, device=target_ids.device)
-        inv[self.draft_ids.to(target_ids.device)] = torch.arange(self.draft_vocab_size, device=target_ids.device)
-        return inv[target_ids]
-
-    def fit(self, train_data, target, data_key: str = "") -> None:
-        """Build the draft vocabulary from label-token frequencies (data/vocab.py) when Vd < V."""
-        vd = self.draft_vocab_size
-        if vd >= target.vocab_size:
-            return
-        from specdistill.data import vocab
-
-        vm = vocab.build(train_data, target.vocab_size, vd, data_key=data_key, tokenizer=target.tokenizer)
-        self.set_vocab_map(vm.d2t, vm.t2d)
-        log.info("draft vocabulary: %d of %d tokens, covering %.1f%% of training labels", vd, target.vocab_size,
-                 100 * vm.coverage)
 
     # -- forward pieces (EagleProposer drives the body through these names) --------------------
 
@@ -408,11 +337,6 @@ class CtcDrafter(Drafter):
         return CtcProposer(self, **args)
 
     # -- training ------------------------------------------------------------------------------
-
-    def _check_ready(self):
-        if not bool(self.vocab_map_ready):
-            raise RuntimeError(f"drafter.draft_vocab_size={self.draft_vocab_size} < {self.vocab_size} but no vocab "
-                               "map was set: call drafter.fit(...) or set_vocab_map (specdistill.data.vocab) first")
 
     def loss(self, batch: dict, target_out) -> LossOutput:
         """Sum over loss positions of ctc_weight * CTC + feature and token terms (module docstring)."""

@@ -33,6 +33,7 @@ from specdistill import losses
 from specdistill.drafters.base import Drafter, DrafterSpec, LossOutput, register
 from specdistill.drafters.eagle_proposer import EagleProposer, make_proposer
 from specdistill.drafters.layers import DraftDecoderLayer, DraftRMSNorm, draft_llama_config, rms_norm
+from specdistill.drafters.vocab_map import DraftVocabulary
 from specdistill.errors import ConfigError
 from specdistill.verify.proposer import ProposerOptions
 
@@ -157,7 +158,7 @@ _TOKEN_LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 # The drafter
 
 
-class EagleDrafter(Drafter):
+class EagleDrafter(DraftVocabulary, Drafter):
     """EAGLE-1 / EAGLE-3 drafter (module docstring). Target weights are frozen non-persistent buffers."""
 
     def __init__(self, cfg: EagleConfig, target):
@@ -189,16 +190,12 @@ class EagleDrafter(Drafter):
         # Frozen target tensors, held outside the module tree: they share the target's storage (no
         # copy), are never saved or trained, and DDP does not re-broadcast them every step as it
         # would buffers (the embedding and head are 2 x 113 MB here). `_apply` keeps .to() working.
-        emb, head = target.embed_tokens.weight, target.lm_head.weight
-        self._frozen = {"embed": emb.detach(), "norm": target.final_norm.weight.detach()}
-        self._frozen["head"] = self._frozen["embed"] if head is emb else head.detach()
+        self._hold_target_tensors(embed=target.embed_tokens.weight, norm=target.final_norm.weight,
+                                  head=target.lm_head.weight)
         self.target_norm_eps = float(getattr(target.final_norm, "variance_epsilon", self.eps))
         vd = self.draft_vocab_size
         # d2t/t2d: FORMATS.md 1.1; identity until set_vocab_map (a reduced vocab demands a real map).
-        self.register_buffer("d2t", torch.zeros(vd, dtype=torch.int64))
-        self.register_buffer("t2d", torch.arange(v) < vd)
-        self.register_buffer("vocab_map_ready", torch.tensor(vd == v))
-        self.register_buffer("draft_ids", torch.arange(vd), persistent=False)
+        self._init_draft_vocabulary(v, vd)
         if eagle3:
             self.norm = DraftRMSNorm(h, self.eps)
             self.lm_head = nn.Linear(h, vd, bias=False)
@@ -220,26 +217,6 @@ class EagleDrafter(Drafter):
     def target_norm(self) -> torch.Tensor:
         return self._frozen["norm"]
 
-    def head_rows(self) -> torch.Tensor:
-        """The target LM head's rows of the draft vocabulary (Vd, H), sliced once per vocab map:
-        a fresh slice would copy Vd x H weights on every training step and every draft step."""
-        if self.draft_vocab_size == self.vocab_size:
-            return self.target_head
-        rows = self._frozen.get("head_rows")
-        if rows is None or rows.dtype != self.target_head.dtype or rows.device != self.target_head.device:
-            rows = self._frozen["head_rows"] = self.target_head[self.draft_ids.to(self.target_head.device)]
-        return rows
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        # .to(device/dtype) must reach the frozen target tensors too; tied embed/head stay one tensor.
-        done: dict[int, torch.Tensor] = {}
-        for k, v in getattr(self, "_frozen", {}).items():
-            if id(v) not in done:
-                done[id(v)] = fn(v)
-            self._frozen[k] = done[id(v)]
-        return self
-
     def _init_weights(self, std: float):
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -251,52 +228,11 @@ class EagleDrafter(Drafter):
                 self.norm.weight.copy_(self.target_norm)
                 self.lm_head.weight.copy_(self.target_head[self.draft_ids])
 
-    def _checked_vocab_map(self, d2t, t2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(d2t, t2d, draft ids) after checking the shapes and that d2t maps into t2d one-to-one."""
-        d2t = torch.as_tensor(d2t, dtype=torch.int64).flatten().cpu()
-        t2d = torch.as_tensor(t2d, dtype=torch.bool).flatten().cpu()
-        if d2t.numel() != self.draft_vocab_size or t2d.numel() != self.vocab_size:
-            raise ValueError(f"vocab map shapes d2t {tuple(d2t.shape)} / t2d {tuple(t2d.shape)} do not match "
-                             f"drafter.draft_vocab_size {self.draft_vocab_size} / target vocab {self.vocab_size}")
-        ids = torch.arange(d2t.numel()) + d2t
-        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size or not bool(t2d[ids].all()) \
-                or int(t2d.sum()) != d2t.numel():
-            raise ValueError("vocab map is inconsistent: d2t must map draft ids into t2d's True entries one-to-one")
-        return d2t, t2d, ids
-
-    def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
-        """Install the draft vocabulary (specdistill.data.vocab) before training; re-inits the eagle3 head rows."""
-        d2t, t2d, ids = self._checked_vocab_map(d2t, t2d)
-        with torch.no_grad():
-            self.d2t.copy_(d2t)
-            self.t2d.copy_(t2d)
-            self.draft_ids.copy_(ids.to(self.draft_ids.device))
-            self.vocab_map_ready.fill_(True)
-            self._frozen.pop("head_rows", None)
-            if self.cfg.variant == "eagle3" and self.cfg.init_from_target:
+    def _on_vocab_map(self) -> None:
+        """eagle3 re-initialises its own head's rows from the target's for the new draft vocabulary."""
+        if self.cfg.variant == "eagle3" and self.cfg.init_from_target:
+            with torch.no_grad():
                 self.lm_head.weight.copy_(self.head_rows().to(self.lm_head.weight.dtype))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # An engine export (FORMATS.md 1.1) carries d2t/t2d but not our `vocab_map_ready` flag: a map
-        # that comes with the weights is installed (checked as set_vocab_map checks it).
-        d2t, t2d = state_dict.get(prefix + "d2t"), state_dict.get(prefix + "t2d")
-        map_given = d2t is not None and t2d is not None and prefix + "vocab_map_ready" not in state_dict
-        if map_given:
-            self._checked_vocab_map(d2t, t2d)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        # draft_ids is derived from the persistent d2t; keep it in sync after a checkpoint load.
-        with torch.no_grad():
-            self.draft_ids.copy_(torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t)
-            if map_given:
-                self.vocab_map_ready.fill_(True)
-        self._frozen.pop("head_rows", None)
-
-    def _check_ready(self):
-        if not bool(self.vocab_map_ready):
-            raise RuntimeError(
-                f"drafter.draft_vocab_size={self.draft_vocab_size} < {self.vocab_size} but no vocab map was set: "
-                "call drafter.set_vocab_map(*vocab_map_from_counts(count_tokens(train_samples, V), Vd)) "
-                "(specdistill.data.vocab) before training, or the draft ids silently mean the first Vd target ids")
 
     # -- Drafter contract --------------------------------------------------------------------
 
@@ -324,19 +260,6 @@ class EagleDrafter(Drafter):
         """Chain or EAGLE-2 tree proposer: `options` mapped by eagle_proposer.proposer_args (None =
         EagleProposer's defaults), then EAGLE keyword overrides (mode, k, topk, budget, depth, min_prob, dtype)."""
         return make_proposer(self, options, **overrides)
-
-    def fit(self, train_data, target, data_key: str = "") -> None:
-        """Build the draft vocabulary from label-token frequencies when draft_vocab_size < the target's
-        vocabulary (cached under data/vocab by `data_key`); nothing to do for the full vocabulary."""
-        vd = self.draft_vocab_size
-        if vd >= target.vocab_size:
-            return
-        from specdistill.data import vocab
-
-        vm = vocab.build(train_data, target.vocab_size, vd, data_key=data_key, tokenizer=target.tokenizer)
-        self.set_vocab_map(vm.d2t, vm.t2d)
-        log.info("draft vocabulary: %d of %d tokens, covering %.1f%% of training labels", vd, target.vocab_size,
-                 100 * vm.coverage)
 
     def export_info(self) -> dict:
         """What the EAGLE export writers (export/common.py, sglang, vllm, eagle1) and `specdistill plan` read

@@ -49,6 +49,7 @@ from torch import nn
 from specdistill import losses
 from specdistill.drafters.base import Drafter, DrafterSpec, LossOutput, register
 from specdistill.drafters.layers import rms_norm
+from specdistill.drafters.vocab_map import DraftVocabulary
 from specdistill.errors import ConfigError
 from specdistill.verify import sampling
 from specdistill.verify.proposer import DraftTree, Proposer, ProposerOptions, ProposerState
@@ -191,7 +192,7 @@ def default_accuracy(num_heads: int, topk: int) -> list[list[float]]:
 # The drafter
 
 
-class MedusaDrafter(Drafter):
+class MedusaDrafter(DraftVocabulary, Drafter):
     """K Medusa heads (module docstring). Target tensors are held outside the module tree (no copy)."""
 
     def __init__(self, cfg: MedusaConfig, target):
@@ -218,15 +219,10 @@ class MedusaDrafter(Drafter):
                     blk.res.weight[:, :h].copy_(torch.eye(h))
         self.lm_heads = nn.ModuleList([nn.Linear(h, vd, bias=False) for _ in range(k)])
         self._target = [target]  # a list: the target is not a submodule of the drafter
-        head = target.lm_head.weight
-        self._frozen = {"head": head.detach(), "norm": target.final_norm.weight.detach(),
-                        "embed": target.embed_tokens.weight.detach()}
+        self._hold_target_tensors(head=target.lm_head.weight, norm=target.final_norm.weight,
+                                  embed=target.embed_tokens.weight)
         self.target_norm_eps = float(getattr(target.final_norm, "variance_epsilon", 1e-5))
-        self.register_buffer("d2t", torch.zeros(vd, dtype=torch.int64))
-        self.register_buffer("t2d", torch.arange(v) < vd)
-        self.register_buffer("vocab_map_ready", torch.tensor(vd == v))
-        self.register_buffer("draft_ids", torch.arange(vd), persistent=False)
-        self.register_buffer("draft_index", torch.where(torch.arange(v) < vd, torch.arange(v), -1), persistent=False)
+        self._init_draft_vocabulary(v, vd)
         # Ramp step (medusa2) and held-out top-r accuracy counts (the tree's input), saved with the weights.
         self.register_buffer("train_step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("acc_counts", torch.zeros(k, cfg.tree_max_child, dtype=torch.int64))
@@ -239,66 +235,13 @@ class MedusaDrafter(Drafter):
 
     # -- vocabulary ----------------------------------------------------------------------------
 
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        for key, val in getattr(self, "_frozen", {}).items():
-            self._frozen[key] = fn(val)
-        return self
-
-    def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
-        """Install the draft vocabulary (data/vocab.py maps); re-initialises the heads' rows from the target's."""
-        d2t = torch.as_tensor(d2t, dtype=torch.int64).flatten().cpu()
-        t2d = torch.as_tensor(t2d, dtype=torch.bool).flatten().cpu()
-        if d2t.numel() != self.draft_vocab_size or t2d.numel() != self.vocab_size:
-            raise ValueError(f"vocab map shapes d2t {tuple(d2t.shape)} / t2d {tuple(t2d.shape)} do not match "
-                             f"drafter.draft_vocab_size {self.draft_vocab_size} / target vocab {self.vocab_size}")
-        ids = torch.arange(d2t.numel()) + d2t
-        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size or not bool(t2d[ids].all()) \
-                or int(t2d.sum()) != d2t.numel():
-            raise ValueError("vocab map is inconsistent: d2t must map draft ids into t2d's True entries one-to-one")
-        with torch.no_grad():
-            self.d2t.copy_(d2t)
-            self.t2d.copy_(t2d)
-            self.vocab_map_ready.fill_(True)
-            self._sync_vocab()
-            if self.cfg.init_from_target:
-                rows = self._frozen["head"][self.draft_ids.to(self._frozen["head"].device)]
+    def _on_vocab_map(self) -> None:
+        """The heads' rows start as the target's rows of the new head vocabulary (init_from_target)."""
+        if self.cfg.init_from_target:
+            with torch.no_grad():
+                rows = self.head_rows()
                 for lm in self.lm_heads:
                     lm.weight.copy_(rows.to(lm.weight.dtype))
-
-    def _sync_vocab(self):
-        dev = self.d2t.device
-        ids = torch.arange(self.d2t.numel(), device=dev) + self.d2t
-        self.draft_ids.copy_(ids)
-        self.draft_index.fill_(-1)
-        self.draft_index[ids] = torch.arange(ids.numel(), device=dev)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # An engine export carries the map (token_map -> d2t/t2d) but not `vocab_map_ready`: install it.
-        given = prefix + "d2t" in state_dict and prefix + "vocab_map_ready" not in state_dict
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        with torch.no_grad():
-            self._sync_vocab()
-            if given:
-                self.vocab_map_ready.fill_(True)
-
-    def fit(self, train_data, target, data_key: str = "") -> None:
-        """Build the reduced head vocabulary from label-token frequencies (as EagleDrafter.fit does)."""
-        vd = self.draft_vocab_size
-        if vd >= target.vocab_size:
-            return
-        from specdistill.data import vocab
-
-        vm = vocab.build(train_data, target.vocab_size, vd, data_key=data_key, tokenizer=target.tokenizer)
-        self.set_vocab_map(vm.d2t, vm.t2d)
-        log.info("Medusa head vocabulary: %d of %d tokens, covering %.1f%% of training labels", vd,
-                 target.vocab_size, 100 * vm.coverage)
-
-    def _check_ready(self):
-        if not bool(self.vocab_map_ready):
-            raise RuntimeError(f"drafter.draft_vocab_size={self.draft_vocab_size} < {self.vocab_size} but no vocab "
-                               "map was set: call drafter.fit(...) or set_vocab_map(...) (specdistill.data.vocab) "
-                               "before training")
 
     # -- forward ------------------------------------------------------------------------------
 

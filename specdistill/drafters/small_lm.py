@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from specdistill import losses
 from specdistill.drafters.base import Drafter, DrafterSpec, LossOutput, register
+from specdistill.drafters.vocab_map import FrozenTargetTensors
 from specdistill.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def model_from_dir(target, path: str):
 # The drafter
 
 
-class SmallLMDrafter(Drafter):
+class SmallLMDrafter(FrozenTargetTensors, Drafter):
     """A whole causal LM `self.lm` (HF), trained by Seq-KD (CE) or DistillSpec (a divergence)."""
 
     def __init__(self, cfg: SmallLMConfig, target):
@@ -233,12 +234,6 @@ class SmallLMDrafter(Drafter):
     @property
     def tied(self) -> bool:
         return self.lm.get_output_embeddings().weight is self.lm.get_input_embeddings().weight
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        for k, v in getattr(self, "_frozen", {}).items():
-            self._frozen[k] = fn(v)
-        return self
 
     @property
     def variant(self) -> str:
