@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import os
 import platform
@@ -35,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from specdistill.fsutil import sha256_file  # noqa: E402  (imports nothing: safe without gguf)
+
 FORMAT = "specdistill-shards/1"
 BLOCK = 32
 _MB = 1_000_000
@@ -43,14 +44,6 @@ _HEADER_MARGIN = 256 * 1024  # safetensors header + alignment, kept below each s
 
 # ---------------------------------------------------------------------------------------------
 # Shards: tensors (optionally as GGUF-style codes) split into safetensors files of bounded size
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fp16_candidates(est: torch.Tensor) -> list[torch.Tensor]:
@@ -187,7 +180,7 @@ def write_shards(tensors: dict[str, torch.Tensor], out_dir: str | Path, stem: st
         save_file(group, str(out_dir / fname))
         for key in group:
             where[key] = fname
-        file_info[fname] = {"bytes": (out_dir / fname).stat().st_size, "sha256": _sha256(out_dir / fname)}
+        file_info[fname] = {"bytes": (out_dir / fname).stat().st_size, "sha256": sha256_file(out_dir / fname)}
         if file_info[fname]["bytes"] > max_mb * _MB:
             raise RuntimeError(f"{out_dir / fname}: {file_info[fname]['bytes']} bytes exceeds the {max_mb} MB shard limit")
     for entry in entries.values():
@@ -215,7 +208,7 @@ def read_shards(dirs, stem: str) -> tuple[dict[str, torch.Tensor], dict[str, str
         p = next((d / fname for d in dirs if (d / fname).is_file()), None)
         if p is None:
             raise FileNotFoundError(f"{fname}: shard listed in {idx_path} is missing (was its part carried?)")
-        if p.stat().st_size != info["bytes"] or _sha256(p) != info["sha256"]:
+        if p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
             raise ValueError(f"{p}: size or sha256 differs from {idx_path} (truncated or altered shard)")
         paths[fname] = p
     loaded = {fname: load_file(str(p)) for fname, p in paths.items()}
@@ -332,7 +325,7 @@ def prepare(args) -> dict:
         "target_codecs": codecs,
         "prompts": n,
         "parts": parts,
-        "files": {rel: {"bytes": (root / rel).stat().st_size, "sha256": _sha256(root / rel)}
+        "files": {rel: {"bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
                   for part in parts for rel in part},
         "seconds": round(time.time() - t0, 1),
         "command": "benchmarks/gpu_reference.sh prepare " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
@@ -359,7 +352,7 @@ def _check_manifest(root: Path) -> dict:
                                 f"{missing[0]}); carry each part folder before the run call")
     for rel, info in manifest["files"].items():
         p = root / rel
-        if p.stat().st_size != info["bytes"] or _sha256(p) != info["sha256"]:
+        if p.stat().st_size != info["bytes"] or sha256_file(p) != info["sha256"]:
             raise ValueError(f"{p}: size or sha256 differs from {mpath} (truncated or altered)")
     return manifest
 

@@ -172,3 +172,14 @@ def describe_load_error(exc: BaseException, given: str | Path | None = None) -> 
     if kind == "safetensors" and "safetensors" not in reason:
         reason = f"not a valid safetensors file ({reason})"
     return f"{file}: {reason}"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from specdistill import targets as _targets
-from specdistill.fsutil import fsync_dir, fsync_tree, umask_mode
+from specdistill.fsutil import fsync_dir, fsync_tree, sha256_file, umask_mode
 
 log = logging.getLogger(__name__)
 
@@ -267,19 +266,11 @@ def write_dir(out_dir: Path, files: dict[str, Callable[[Path], None]],
     return Path(out_dir)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _same_weights(old: Path, new: Path) -> bool:
     names = sorted(p.name for p in new.glob("*.safetensors"))
     if names != sorted(p.name for p in old.glob("*.safetensors")):
         return False
-    return all((old / n).stat().st_size == (new / n).stat().st_size and _sha256(old / n) == _sha256(new / n)
+    return all((old / n).stat().st_size == (new / n).stat().st_size and sha256_file(old / n) == sha256_file(new / n)
                for n in names)
 
 
@@ -314,7 +305,7 @@ def carry_over(old: Path, new: Path) -> None:
             if stale_mark.is_file():
                 shutil.copy2(stale_mark, new / EVAL_STALE)
         else:
-            (new / EVAL_STALE).write_text(_sha256(new / "eval.json") + "\n")
+            (new / EVAL_STALE).write_text(sha256_file(new / "eval.json") + "\n")
             log.warning("%s: the weights changed, so eval.json/eval.png describe the previous weights; run "
                         "`specdistill eval --drafter %s` again (publish refuses the stale eval.json until then)",
                         old, old)
@@ -325,7 +316,7 @@ def eval_is_stale(export_dir: Path) -> bool:
     mark, ev = Path(export_dir) / EVAL_STALE, Path(export_dir) / "eval.json"
     if not mark.is_file() or not ev.is_file():
         return False
-    return mark.read_text().strip() == _sha256(ev)
+    return mark.read_text().strip() == sha256_file(ev)
 
 
 def write_export(out_dir: Path, cfg: dict, tensors: dict[str, torch.Tensor], meta: dict,

@@ -66,14 +66,6 @@ def _reason(e: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _state_digest(state: dict) -> str:
     body = {k: v for k, v in state.items() if k != "state_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -170,7 +162,7 @@ def verify(ckpt: Path) -> str | None:
             kind = "truncated" if size < want["bytes"] else "wrong size"
             return f"{p}: {kind} ({size} bytes, {want['bytes']} written)"
         try:
-            digest = sha256_file(p)
+            digest = fsutil.sha256_file(p)
         except OSError as e:
             return f"{p}: unreadable ({_reason(e)})"
         if digest != want["sha256"]:
@@ -343,7 +335,7 @@ def save(accelerator, out_dir: Path, step: int, drafter_state: dict, optimizer, 
                 current = tmp / "optimizer.pt"
                 torch.save(optimizer.state_dict(), current)
             current = tmp
-            sums = {rel: {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
+            sums = {rel: {"sha256": fsutil.sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
                     for rel in _files(tmp)}
             state = dict(trainer_state, rng=python_rng_state(), num_processes=accelerator.num_processes,
                          checksums=sums)
