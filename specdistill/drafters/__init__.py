@@ -14,7 +14,7 @@ def get(name: str) -> DrafterSpec:
 def build(cfg, target):
     """Build the drafter named by `cfg.name` for `target` (a TargetModel)."""
     spec = get(cfg.name)
-    model = spec.build(cfg, target)
+    model = spec.make(cfg, target)
     model.spec = spec
     return model
 

@@ -127,10 +127,10 @@ class DrafterSpec:
     """Registry key, used as `drafter.name` in YAML."""
     config_cls: type
     """The family's JSON-serialisable config dataclass (must have a `name` field)."""
-    build: Callable[[Any, Any], torch.nn.Module]
-    """build(cfg, target) -> drafter; sizes are derived from the target's config."""
-    target_layers: Callable[[Any, Any], list[int]]
-    """target_layers(cfg, target_hf_config) -> layer ids the drafter needs (targets.py convention)."""
+    build: Callable[[Any, Any], torch.nn.Module] | None = None
+    """build(cfg, target) -> drafter, sizes derived from the target's config; None = drafter_cls(cfg, target)."""
+    target_layers: Callable[[Any, Any], list[int]] = lambda cfg, target_config: []  # noqa: E731
+    """target_layers(cfg, target_hf_config) -> layer ids the drafter needs (targets.py convention); default none."""
     export_formats: tuple[str, ...] = ("native",)
     """Formats under specdistill/export this family can be written in."""
     paper: str = ""
@@ -143,6 +143,9 @@ class DrafterSpec:
     """Whether the family samples on-policy data in the loop (or cfg -> bool)."""
     trains_target: bool | Callable[[Any], bool] = False
     """Whether the family trains peft adapters on the target (or cfg -> bool)."""
+
+    def make(self, cfg, target):
+        return (self.build or self.drafter_cls)(cfg, target)
 
     def needs(self, cfg, target_config) -> TargetNeeds:
         out = _flag(self.target_output, cfg)

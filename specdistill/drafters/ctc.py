@@ -481,10 +481,6 @@ class CtcProposer(EagleProposer):
 # Registration
 
 
-def _build(cfg: CtcConfig, target) -> CtcDrafter:
-    return CtcDrafter(cfg, target)
-
-
 def _target_layers(cfg: CtcConfig, target_config) -> list[int]:
     return cfg.resolved_layer_ids(target_config.num_hidden_layers)
 
@@ -492,7 +488,6 @@ def _target_layers(cfg: CtcConfig, target_config) -> list[int]:
 register(DrafterSpec(
     name="ctc",
     config_cls=CtcConfig,
-    build=_build,
     target_layers=_target_layers,
     drafter_cls=CtcDrafter,
     export_formats=("native",),

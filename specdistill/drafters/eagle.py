@@ -454,10 +454,6 @@ class EagleDrafter(DraftVocabulary, Drafter):
 # Registration
 
 
-def _build(cfg: EagleConfig, target) -> EagleDrafter:
-    return EagleDrafter(cfg, target)
-
-
 def _target_layers(cfg: EagleConfig, target_config) -> list[int]:
     return cfg.resolved_layer_ids(target_config.num_hidden_layers)
 
@@ -465,7 +461,6 @@ def _target_layers(cfg: EagleConfig, target_config) -> list[int]:
 register(DrafterSpec(
     name="eagle",
     config_cls=EagleConfig,
-    build=_build,
     target_layers=_target_layers,
     drafter_cls=EagleDrafter,
     export_formats=("native", "sglang", "vllm"),

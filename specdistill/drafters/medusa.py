@@ -611,15 +611,9 @@ def _drafting_copy(drafter: MedusaDrafter, dtype: str) -> MedusaDrafter:
 # Registration
 
 
-def _build(cfg: MedusaConfig, target) -> MedusaDrafter:
-    return MedusaDrafter(cfg, target)
-
-
 register(DrafterSpec(
     name="medusa",
     config_cls=MedusaConfig,
-    build=_build,
-    target_layers=lambda cfg, tc: [],
     drafter_cls=MedusaDrafter,
     target_output="hidden",
     trains_target=lambda cfg: cfg.variant == "medusa2",

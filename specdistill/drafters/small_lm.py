@@ -400,15 +400,9 @@ def _restore_tied_head(state_dict, prefix, *args):
 # Registration
 
 
-def _build(cfg: SmallLMConfig, target) -> SmallLMDrafter:
-    return SmallLMDrafter(cfg, target)
-
-
 register(DrafterSpec(
     name="small_lm",
     config_cls=SmallLMConfig,
-    build=_build,
-    target_layers=lambda cfg, tc: [],
     drafter_cls=SmallLMDrafter,
     export_formats=("native", "hf_draft"),
     target_output=lambda cfg: "hidden" if cfg.distills else "none",
