@@ -32,6 +32,7 @@ VARIANTS = {
     "medusa1": [],
     # Medusa-2 in a few minutes: adapters at 3e-4 (heads x4 = 1.2e-3); the ramp spans the expected steps.
     "medusa2": ["drafter.variant=medusa2", "train.lr=3.0e-4"],
+    "hydra": ["drafter.variant=hydra"],
 }
 
 
