@@ -193,8 +193,10 @@ def _run(world, serving, logs, *extra):
 def test_retrain_end_to_end_trains_once_gates_and_appends(world, tmp_path):
     serving, logs = _setup(world, tmp_path)
     pub = tmp_path / "published"
-    r1 = _run(world, serving, logs, "online.min_tau_gain=-100", f"online.publish_to={pub}")  # any lossless one passes
+    r1 = _run(world, serving, logs, "online.min_tau_gain=-100", f"online.publish_to={pub}",  # any lossless one passes
+              f"online.guard_questions={world['root'] / 'q.jsonl'}", "online.max_guard_drop=100")
     assert r1["decision"] == "promoted", r1
+    assert r1["scores"]["guard"]["challenger"]["identical_to_greedy"] is True  # the guard set was scored too
     assert r1["publish"]["to"] == str(pub) and (pub / "README.md").exists() and (pub / "eval.json").exists()
     assert r1["ingest"]["new_records"] == 8 and r1["ingest"]["held_out"] == 2 and r1["train"]["steps"] == 2
     assert r1["scores"]["challenger"]["identical_to_greedy"] is True and r1["scores"]["held_out_questions"] == 2
@@ -335,3 +337,15 @@ def test_logs_directory_is_a_data_source(tmp_path):
         f.write('tten"}\n')
     assert resolve(f"logs:{d}").identity() != before  # the cache key follows the logs
     assert len(list(iter_conversations(f"logs:{d}", SkipCounter()))) == 4
+
+
+def test_gate_guard_set_blocks_a_challenger_that_gets_worse_elsewhere():
+    def res(tau, ident=True):
+        return {"overall": {"tau": tau, "identical_to_greedy": ident}}
+
+    better = (res(1.2), res(1.5))  # held-out slice: serving, challenger
+    assert gate.decide(*better, 0.02)[0]
+    ok, why = gate.decide(*better, 0.02, guard=(res(1.30), res(1.18)), max_guard_drop=0.05)
+    assert not ok and "guard-set tau 1.180" in why
+    assert gate.decide(*better, 0.02, guard=(res(1.30), res(1.27)), max_guard_drop=0.05)[0]
+    assert not gate.decide(*better, 0.02, guard=(res(1.30), res(1.4, ident=False)), max_guard_drop=0.05)[0]

@@ -36,8 +36,19 @@ def overall(result: dict) -> dict:
             "alpha": o.get("alpha"), "new_tokens": o.get("new_tokens")}
 
 
-def decide(serving: dict, challenger: dict, min_tau_gain: float) -> tuple[bool, str]:
-    """(promote?, why) from the two eval results on the same held-out questions."""
+def decide(serving: dict, challenger: dict, min_tau_gain: float, guard: tuple[dict, dict] | None = None,
+           max_guard_drop: float = 0.0) -> tuple[bool, str]:
+    """(promote?, why) from the two eval results on the same held-out questions; with `guard` (the
+    serving and challenger results on a fixed guard set, e.g. other Spec-Bench categories) the challenger
+    must also stay lossless there and lose at most `max_guard_drop` tau, so retraining on one kind of
+    traffic cannot quietly make the drafter worse on the rest."""
+    if guard is not None:
+        gs, gc = overall(guard[0]), overall(guard[1])
+        if gc["identical_to_greedy"] is not True:
+            return False, f"rejected: challenger not identical to greedy on the guard set ({gc['identical_to_greedy']})"
+        if gs["tau"] is not None and gc["tau"] is not None and gc["tau"] < gs["tau"] - max_guard_drop:
+            return False, (f"rejected: guard-set tau {gc['tau']:.3f} vs serving {gs['tau']:.3f} drops more than "
+                           f"online.max_guard_drop={max_guard_drop}")
     s, c = overall(serving), overall(challenger)
     if c["identical_to_greedy"] is not True:
         return False, f"rejected: challenger not identical to greedy decoding ({c['identical_to_greedy']})"

@@ -69,6 +69,12 @@ class OnlineConfig:
     """The gate scores on the newest this many held-out records."""
     min_tau_gain: float = 0.02
     """Promote only when the challenger's tau beats the serving drafter's by at least this much."""
+    guard_questions: str = ""
+    """A fixed question set (MT-bench/Spec-Bench JSONL, or spec_bench) the challenger must not get worse on; empty = off."""
+    guard_limit_per_category: int = 1
+    """Questions per category of the guard set."""
+    max_guard_drop: float = 0.05
+    """Largest tau drop on the guard set that still allows a promotion."""
     answers: str = "regenerate"
     """regenerate (the target answers every prompt: on-policy) or served (use a logged response when present)."""
     max_new_tokens: int = 128
@@ -338,7 +344,18 @@ def run(cfg, ocfg: OnlineConfig) -> dict:
         report["scores"] = {"held_out_questions": len(st["holdout"]), "serving": s, "challenger": c,
                             "seconds": round(time.time() - t2, 1)}
         gate.ensure_initial(serving, state, s)  # s: speed-up measured against the challenger's baseline
-        ok, why = gate.decide(ev_s, ev_c, ocfg.min_tau_gain)
+        guard = None
+        if ocfg.guard_questions:
+            from specdistill import scoring
+
+            gq = None if ocfg.guard_questions == "spec_bench" else ocfg.guard_questions
+            guard = tuple(scoring.score(trained.target, str(d), run_dir / name, questions=gq,
+                                        limit_per_category=ocfg.guard_limit_per_category,
+                                        max_new_tokens=cfg.eval.max_new_tokens, num_draft_tokens=cfg.eval.num_draft_tokens,
+                                        baseline=True, progress=False, quiet=True)
+                          for d, name in ((serving.resolve(), "guard_serving"), (challenger, "guard_challenger")))
+            report["scores"]["guard"] = {"serving": gate.overall(guard[0]), "challenger": gate.overall(guard[1])}
+        ok, why = gate.decide(ev_s, ev_c, ocfg.min_tau_gain, guard, ocfg.max_guard_drop)
         report["decision"], report["reason"] = ("promoted" if ok else "rejected"), why
         if ok:
             dest = gate.promote(serving, state, challenger, rid, ev_c, fault=_fault)
