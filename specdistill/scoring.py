@@ -39,6 +39,7 @@ def score(target, drafter: str, out: str | Path | None = None, *, questions: str
     `adaptive` the draft length of each pass comes from verify/policy.AdaptivePolicy (0 = a plain step)."""
     t0 = time.time()
     torch.manual_seed(seed)
+    target.eval()  # no dropout (e.g. a trained target's LoRA dropout) while decoding
     widths = parse_tree(tree)
     opts = ProposerOptions(num_draft_tokens=num_draft_tokens, tree=widths, temperature=temperature, top_p=top_p,
                            top_k=top_k, seed=seed, confidence_threshold=draft_confidence)

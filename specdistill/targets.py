@@ -258,6 +258,8 @@ class TargetModel(torch.nn.Module):
         if self.has_adapters:
             raise RuntimeError("the target already carries LoRA adapters")
         inject_adapter_in_model(lora_config, self.model)
+        # New modules start in train mode: left so, LoRA dropout would make decoding random.
+        self.model.train(self.model.training)
         params = [p for n, p in self.model.named_parameters() if "lora_" in n]
         if not params:
             raise ValueError(f"LoRA target_modules {lora_config.target_modules} matched no module of the target")

@@ -200,3 +200,17 @@ def test_trainable_target_export_reloads_to_the_same_outputs(tmp_path):
         z = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.allclose(z, want_logits, atol=1e-5)
     assert target.has_adapters
+
+
+def test_a_loaded_or_trained_target_decodes_deterministically(tmp_path):
+    """LoRA dropout must not reach decoding: adapters injected on load start in the model's own mode,
+    and a target trained inside the wrapper is back in eval mode after fit."""
+    from peft import LoraConfig
+
+    target = _fresh_target()
+    target.attach_lora(LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_dropout=0.5))
+    assert not any(m.training for m in target.model.modules())
+    cfg = dataclasses.replace(toy_families.ToyLoraConfig())
+    trained = _fresh_target()
+    fit(tmp_path, trained, "det", drafter_cfg=cfg, max_steps=1)
+    assert not any(m.training for m in trained.model.modules())

@@ -379,6 +379,8 @@ class Trainer:
         val = self.evaluate()
         if val:
             logger.log(val, self.step)
+        if self.needs.trains_target:
+            self.target.eval()  # trained inside the wrapper in train mode; decoding after fit must be deterministic
         if bar is not None:
             bar.close()
         logger.close()
