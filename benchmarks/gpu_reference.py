@@ -34,9 +34,11 @@ from pathlib import Path
 
 import torch
 
-from specdistill.fsutil import sha256_file  # noqa: E402  (imports nothing: safe without gguf)
+from specdistill.fsutil import fresh_owned_dir, sha256_file  # noqa: E402  (imports nothing: safe without gguf)
 
 FORMAT = "specdistill-shards/1"
+PREPARE_MARKER = ".specdistill_gpu_prepare"
+WORK_MARKER = ".specdistill_gpu_work"
 BLOCK = 32
 _MB = 1_000_000
 _HEADER_MARGIN = 256 * 1024  # safetensors header + alignment, kept below each shard limit
@@ -277,10 +279,9 @@ def prepare(args) -> dict:
     from specdistill.data.stats import SkipCounter
 
     root = Path(args.dir)
-    if root.exists() and any(root.iterdir()):
-        if not args.force:
-            raise FileExistsError(f"{root}: not empty (pass --force to rebuild it)")
-        shutil.rmtree(root)
+    if root.exists() and any(root.iterdir()) and not args.force:
+        raise FileExistsError(f"{root}: not empty (pass --force to rebuild an earlier `prepare` result)")
+    fresh_owned_dir(root, PREPARE_MARKER)  # --force deletes only a directory `prepare` made
     staging = root / ".staging"
     staging.mkdir(parents=True)
     t0 = time.time()
@@ -398,8 +399,7 @@ def run(args) -> dict:
     root, out = Path(args.dir), Path(args.out)
     work = Path(args.work or (out / "work" if smoke else "/tmp/specdistill_gpu_reference"))
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    fresh_owned_dir(work, WORK_MARKER)  # an earlier run's work dir is replaced; anything else is refused
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 target: labels as on the CPU

@@ -46,12 +46,12 @@ def main() -> None:
 
     from specdistill import scoring, targets
     from specdistill.data.questions import load_questions
+    from specdistill.fsutil import fresh_owned_dir
     from specdistill.online import retrain
     from specdistill.train.logging import stdout_to_stderr
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    out = fresh_owned_dir(args.out, ".specdistill_osd_simulation")  # an earlier simulation's dir, or a new one
     (out / "logs").mkdir(parents=True)
     v0 = out / "drafter_v0"
     shutil.copytree(args.drafter, v0)

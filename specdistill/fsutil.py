@@ -183,3 +183,22 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def fresh_owned_dir(path: str | Path, marker: str) -> Path:
+    """Make `path` an empty directory holding only the file `marker`, deleting an earlier one only if
+    it carries that marker (a directory a previous run of the same tool made). An existing non-empty
+    directory without it (a user's, or its parent) is refused, never deleted."""
+    import shutil
+
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise FileExistsError(f"{path}: exists and is not a directory; choose another path")
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / marker).is_file():
+            raise FileExistsError(f"{path}: not empty and not made by this tool (no {marker}); "
+                                  "choose an empty or new directory")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / marker).write_text("made by specdistill; deleted and rebuilt by the next run\n")
+    return path

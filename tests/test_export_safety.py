@@ -218,3 +218,23 @@ def test_weights_only_refusal_never_advises_disabling_it(tmp_path):
     assert line.startswith(f"{f}: ") and "\n" not in line
     reason = line[len(f"{f}: "):]
     assert "weights_only" not in reason and "argparse.Namespace" in reason and "allowlist" not in reason
+
+
+def test_tools_replace_only_directories_they_made(tmp_path):
+    """Benchmarks given an output directory (osd_simulation --out, gpu_reference --work / prepare --force)
+    rebuild only a directory they made themselves, never a user's directory or its parent."""
+    from specdistill.fsutil import fresh_owned_dir
+
+    user = tmp_path / "home"
+    user.mkdir()
+    (user / "precious.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not made by this tool"):
+        fresh_owned_dir(user, ".marker")
+    assert (user / "precious.txt").read_text() == "keep"
+    own = fresh_owned_dir(tmp_path / "run", ".marker")
+    (own / "old_output").write_text("x")
+    fresh_owned_dir(own, ".marker")
+    assert sorted(p.name for p in own.iterdir()) == [".marker"]
+    (tmp_path / "afile").write_text("f")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        fresh_owned_dir(tmp_path / "afile", ".marker")
