@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import make_llama, make_tokenizer
 
+from specdistill import loading
 from specdistill.data.questions import Question, default_path, load_questions
 from specdistill.targets import TargetModel
-from specdistill.verify import loading, metrics
+from specdistill.verify import metrics
 from specdistill.verify.evaluate import format_table, parse_tree, plot, run_eval
 from specdistill.verify.proposer import DraftTree, Proposer
 from specdistill.verify.proposers import DraftModelProposer, PromptLookupProposer
@@ -84,7 +85,6 @@ def test_hf_dir_loader_checks_vocabulary(tmp_path, tiny_target):
 def test_registered_export_format_loader_wins(tmp_path, tiny_target):
     """A saved drafter is read by the loader of the export format that claims its directory (one
     registry, export/formats.py), then asked for its proposer with the verifier's options."""
-    from specdistill import loading as top
     from specdistill.export import formats
 
     d = tmp_path / "export"
@@ -110,11 +110,11 @@ def test_registered_export_format_loader_wins(tmp_path, tiny_target):
         return (path / "config.json").exists() and "toy" in (path / "config.json").read_text()
 
     with pytest.raises(ValueError, match="not a drafter specdistill can load.*contents"):
-        top.load_proposer(str(d), tiny_target)
+        loading.load_proposer(str(d), tiny_target)
     formats.register(formats.ExportFormat("toyfmt", build=None, check=None, engine="test", claims=is_toy,
                                           load=lambda path, target: ToyDrafter()))
     try:
-        assert isinstance(top.load_proposer(str(d), tiny_target, num_draft_tokens=3), Toy)
+        assert isinstance(loading.load_proposer(str(d), tiny_target, num_draft_tokens=3), Toy)
     finally:
         formats.REGISTRY.pop("toyfmt")
 

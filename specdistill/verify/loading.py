@@ -100,13 +100,3 @@ def builtin_proposer(spec: str, target, o: ProposerOptions) -> Proposer | None:
 def _draft_model(model, o: ProposerOptions) -> Proposer:
     return DraftModelProposer(model, o.num_draft_tokens, o.temperature, o.top_p, o.top_k, seed=o.seed,
                               confidence_threshold=o.confidence_threshold, tree=o.tree)
-
-
-def load_proposer(spec: str, target, options: ProposerOptions | None = None, **opts) -> Proposer:
-    """`builtin_proposer`, or an error naming the spec (saved drafters load through specdistill.loading)."""
-    o = options or ProposerOptions(**opts)
-    found = builtin_proposer(spec, target, o)
-    if found is None:
-        raise ValueError(f"--drafter {spec}: not pld, hf:<model>, truncated:<n> nor an HF model directory "
-                         "(saved drafters load through specdistill.loading.load_proposer)")
-    return found
