@@ -16,7 +16,7 @@ from specdistill.export import common, formats, native, sglang, vllm  # noqa: F4
 from specdistill.export import hf_draft as _hf_draft  # noqa: F401  (hf_draft: a standard HF draft model)
 from specdistill.export import medusa as _medusa  # noqa: F401  (vllm_medusa, medusa_fd)
 from specdistill.export.contracts import ContractError
-from specdistill.export.native import ADAPTER_FILE, is_native_dir, load_checkpoint
+from specdistill.export.native import is_native_dir, load_checkpoint
 from specdistill.export.native import load as load_native
 
 log = logging.getLogger(__name__)
@@ -45,18 +45,6 @@ def engine_gap(drafter, fmt: str) -> str | None:
     return gap(drafter) if gap is not None else None
 
 
-def _adapter_files(target, dtype: str, meta: dict) -> dict:
-    """A trained target's LoRA beside the drafter (peft layout: target_adapter.safetensors + adapter_config.json)."""
-    cfg = target.lora_config.to_dict()
-    cfg = json.loads(json.dumps(cfg, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
-    meta.update(target_changed=True, target_adapters="separate",
-                target_adapters_note="the target was fine-tuned with LoRA adapters during training; serve it "
-                                     "with target_adapter.safetensors applied (or the merged target export)")
-    return {ADAPTER_FILE: common.safetensors_writer(common.cast(target.adapter_state_dict(),
-                                                                common.torch_dtype(dtype))),
-            "adapter_config.json": common.json_writer(cfg)}
-
-
 def write_merged_target(target, out_dir: Path) -> Path:
     """The trained target with its adapters folded in, as a plain HF model directory (tokenizer included)."""
     import copy
@@ -83,15 +71,11 @@ def write(drafter, export_cfg, out_root: str | Path | None, target) -> dict[str,
         fmt = formats.get(f)
         cfg, tensors = fmt.build(drafter, target, dtype)
         fmt.check(cfg, tensors, target.num_layers)
-        built[f] = (cfg, tensors, fmt.files(drafter, target, root / f) if fmt.files is not None else {})
-    trained_target = target.has_adapters
+        built[f] = (cfg, tensors, fmt.files(drafter, target, root / f, dtype) if fmt.files is not None else {})
     out = {}
     for f, (cfg, tensors, files) in built.items():
         meta = common.metadata(drafter, target, f, dtype)
-        extra = {**files, **(_adapter_files(target, dtype, meta) if trained_target and f == "native" else {})} or None
-        if trained_target and f != "native":
-            meta.update(target_changed=True, target_adapters="not included: see the native export")
-        out[f] = common.write_export(root / f, cfg, tensors, meta, extra=extra)
-    if trained_target and export_cfg.target_adapters == "merged":
+        out[f] = common.write_export(root / f, cfg, tensors, meta, extra=files or None)
+    if target.has_adapters and export_cfg.target_adapters == "merged":
         out["merged_target"] = write_merged_target(target, root / "merged_target")
     return out

@@ -168,7 +168,13 @@ def metadata(drafter, target, fmt: str, dtype: str) -> dict:
         "paper": spec.paper,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
+        **({"target_changed": True, "target_adapters": TARGET_ADAPTERS_NOTE} if target.has_adapters else {}),
     }
+
+
+TARGET_ADAPTERS_NOTE = ("the target was fine-tuned with LoRA adapters during training: serve it with the native "
+                        "export's target_adapter.safetensors (+ adapter_config.json, peft layout) applied, or the "
+                        "merged target (export.target_adapters=merged)")
 
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)(?P<pid>\d+)$")

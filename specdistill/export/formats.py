@@ -29,7 +29,7 @@ class ExportFormat:
     card_serving: Callable | None = None
     """card_serving(card_inputs, repo) -> markdown lines: how engines serve this format (export/card.py)."""
     files: Callable | None = None
-    """files(drafter, target, out_dir) -> {name: writer(path)}: files beyond config.json/model.safetensors
+    """files(drafter, target, out_dir, dtype) -> {name: writer(path)}: files beyond config.json/model.safetensors
     (e.g. tokenizer files, generation_config.json); may raise ContractError before anything is written."""
 
 

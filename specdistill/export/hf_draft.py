@@ -134,7 +134,7 @@ def _measured(export_dir: Path) -> tuple[int, float] | None:
     return k, float(s.get("draft_confidence") or 0.0)
 
 
-def files(drafter, target, out_dir: Path) -> dict:
+def files(drafter, target, out_dir: Path, dtype: str = "") -> dict:
     """Tokenizer files + generation_config.json, after the path, vocabulary and tokenizer checks."""
     bad = path_problem(Path(out_dir).resolve()) or path_problem(out_dir)
     if bad:

@@ -68,12 +68,12 @@ TREE_FILE = "medusa_tree.json"
 FD_WEIGHTS = "medusa_lm_head.safetensors"
 
 
-def tree_files(drafter, target, out_dir) -> dict:
+def tree_files(drafter, target, out_dir, dtype: str = "") -> dict:
     """medusa_tree.json: what the sparse tree is built from, so an engine-layout export drafts the same tree here."""
     return {TREE_FILE: common.json_writer(_meta_extra(drafter))}
 
 
-def fd_files(drafter, target, out_dir) -> dict:
+def fd_files(drafter, target, out_dir, dtype: str = "") -> dict:
     def link(p: Path) -> None:  # written after model.safetensors (common.write_export's order): no second copy
         os.link(p.parent / "model.safetensors", p)
 

@@ -226,5 +226,15 @@ def load_engine_export(path: str | Path, target, device: str | torch.device | No
     return drafter.eval()
 
 
+def adapter_files(drafter, target, out_dir, dtype: str) -> dict:
+    """A trained target's LoRA beside the drafter (peft layout: target_adapter.safetensors + adapter_config.json)."""
+    if not target.has_adapters:
+        return {}
+    cfg = json.loads(json.dumps(target.lora_config.to_dict(),
+                                default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    return {ADAPTER_FILE: common.safetensors_writer(common.cast(target.adapter_state_dict(), common.torch_dtype(dtype))),
+            "adapter_config.json": common.json_writer(cfg)}
+
+
 formats.register(formats.ExportFormat(name=FORMAT, build=build, check=check, engine="specdistill (eval, init_from)",
-                                      claims=is_native_dir, load=load))
+                                      claims=is_native_dir, load=load, files=adapter_files))
