@@ -260,7 +260,7 @@ class TargetModel(torch.nn.Module):
         inject_adapter_in_model(lora_config, self.model)
         # New modules start in train mode: left so, LoRA dropout would make decoding random.
         self.model.train(self.model.training)
-        params = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        params = self.adapter_parameters()
         if not params:
             raise ValueError(f"LoRA target_modules {lora_config.target_modules} matched no module of the target")
         for p in params:
@@ -268,9 +268,13 @@ class TargetModel(torch.nn.Module):
         self.lora_config = lora_config
         return params
 
+    def adapter_parameters(self) -> list[torch.nn.Parameter]:
+        """The LoRA adapter parameters (empty without adapters)."""
+        return [p for n, p in self.model.named_parameters() if "lora_" in n]
+
     @property
     def has_adapters(self) -> bool:
-        return any("lora_" in n for n, _ in self.model.named_parameters())
+        return bool(self.adapter_parameters())
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter tensors only (what a checkpoint or an adapter export holds)."""

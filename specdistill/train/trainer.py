@@ -91,10 +91,8 @@ class Trainer:
             if target is None or target_fn is not None:
                 raise ValueError(f"drafter {drafter.spec.name!r} trains the target: it needs the online target "
                                  "(train.features=online), not precomputed features")
-            if not getattr(target, "has_adapters", False):
-                adapters = target.attach_lora(drafter.lora_config())
-            else:  # adapters already attached (a resumed or warm-started target)
-                adapters = [p for n, p in target.model.named_parameters() if "lora_" in n]
+            # adapters already attached (a warm-started target) are trained on, not attached twice
+            adapters = target.adapter_parameters() if target.has_adapters else target.attach_lora(drafter.lora_config())
         if target is not None and not cfg.target.device_map:
             self.target.to(acc.device)
         self.train_ds, self.val_ds = train_ds, val_ds
