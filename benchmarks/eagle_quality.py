@@ -135,8 +135,9 @@ def training_state(run_dir: Path) -> dict:
     return out
 
 
-def train(name: str, recipe: str, overrides: list[str], run_dir: Path, reuse: bool) -> dict:
-    """Run the recipe in this process (training + export, no scoring); return what it reached."""
+def train(name: str, recipe: str, overrides: list[str], run_dir: Path, reuse: bool, script: str = "eagle.py") -> dict:
+    """Run recipes/<script>'s main(overrides, recipe=recipe) in this process (training + export, no
+    scoring); return what it reached."""
     native = run_dir / "export" / "native"
     if reuse and native.exists():
         print(f"[bench] {name}: reusing {native}", file=sys.stderr)
@@ -144,8 +145,8 @@ def train(name: str, recipe: str, overrides: list[str], run_dir: Path, reuse: bo
     if run_dir.exists() and any(run_dir.iterdir()):
         raise SystemExit(f"{run_dir} is not empty: a time-budgeted run must start fresh. Use another --out, "
                          f"delete it, or pass --reuse to score its existing export")
-    main = runpy.run_path(str(ROOT / "recipes" / "eagle.py"), run_name="recipe")["main"]
-    print(f"[bench] training {name}: recipes/eagle.py recipe={recipe} {shlex.join(overrides)}", file=sys.stderr)
+    main = runpy.run_path(str(ROOT / "recipes" / script), run_name="recipe")["main"]
+    print(f"[bench] training {name}: recipes/{script} recipe={recipe} {shlex.join(overrides)}", file=sys.stderr)
     t0 = time.perf_counter()
     main(overrides, recipe=recipe)
     wall = time.perf_counter() - t0

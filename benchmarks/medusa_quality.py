@@ -109,6 +109,20 @@ def draft_cost(drafter, target, reps: int = 200, dtype: str = "float32") -> dict
             "macs_fraction": round(head_macs / target_macs, 4), "goal_fraction": 0.05}
 
 
+def drift(overrides: list[str], target) -> dict:
+    """Medusa-2's drift: next-token argmax agreement of the adapted `target` with the original (adapters
+    disabled) on the first 16 held-out sequences of the run's data (1.0 before training)."""
+    from specdistill import config, data
+    from specdistill.data import make_collate
+    from specdistill.drafters.medusa import target_drift
+
+    cfg = config.load("medusa", overrides)
+    _, val, _ = data.build(cfg.data, target.tokenizer)
+    col = make_collate(target.tokenizer.pad_token_id)
+    batches = [col([val[i] for i in range(j, min(j + 4, len(val)))]) for j in range(0, min(len(val), 16), 4)]
+    return {"before": 1.0, "after": round(target_drift(target, batches), 4), "positions_batches": len(batches)}
+
+
 def cost_sweep(args) -> dict:
     from specdistill import drafters, targets
     from specdistill.drafters.medusa import MedusaConfig
@@ -153,7 +167,6 @@ def main(argv=None):
                 recipe(ov)
             train_s = None if reused else time.perf_counter() - t0
             from specdistill import loading, scoring, targets
-            from specdistill.drafters.medusa import target_drift
             from specdistill.export import native
 
             target = targets.load(args.target)
@@ -163,15 +176,7 @@ def main(argv=None):
                    "tree_paths": [list(p) for p in drafter.sparse_tree()], "draft_cost": draft_cost(drafter, target),
                    "draft_cost_bfloat16_heads": draft_cost(drafter, target, dtype="bfloat16")}
             if name == "medusa2":
-                from specdistill import config, data
-                from specdistill.data import make_collate
-
-                cfg = config.load("medusa", ov)
-                _, val, _ = data.build(cfg.data, target.tokenizer)
-                col = make_collate(target.tokenizer.pad_token_id)
-                batches = [col([val[i] for i in range(j, min(j + 4, len(val)))]) for j in range(0, min(len(val), 16), 4)]
-                rec["drift_next_token_agreement"] = {"before": 1.0, "after": round(target_drift(target, batches), 4),
-                                                     "positions_batches": len(batches)}
+                rec["drift_next_token_agreement"] = drift(ov, target)
             chain_dir = run_dir / "export" / "native_chain"
             modes = [m for m in args.modes.split(",") if m]
             if "chain" in modes and not (reused and chain_dir.is_dir()):
