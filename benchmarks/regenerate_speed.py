@@ -1,13 +1,18 @@
-"""`data regenerate` throughput on the embedded target: the HF-generate engine (the previous default,
-batch 16) against the static engine (batch 64), same process, same ShareGPT conversations; prints JSON.
+"""`data regenerate` throughput on the embedded target, engine against engine in one process on the same
+ShareGPT conversations; prints JSON.
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/regenerate_speed.py --threads 1 \
-        > benchmarks/results/regenerate_speed.json
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/regenerate_speed.py --threads 1 --max-new-tokens 32 \
+        --conversations 64 --batch 64 > benchmarks/results/regenerate_speed_prefix.json
+    python benchmarks/regenerate_speed.py --engines hf,static --hf-batch 16   # the HF-generate engine too (slow)
 
-Each engine regenerates its own first `--conversations` conversations (the static engine needs more
-rows in flight to show its batch; rates are generated tokens per process CPU second, the robust figure
-on a shared machine with one thread, and per wall second of the call), then
-both are run on a common set of `--check` conversations to confirm the greedy records are equal.
+Engines (--engines, in order; the first is the "before" of the speed-up): `hf` (rounds of padded HF
+generate), `static_noreuse` (static engine, every turn's whole conversation prefilled again), `static`
+(static engine with prefix reuse: a later turn extends the row's cached tokens). Each regenerates the
+first --conversations conversations (the hf engine its own first --hf-conversations, at --hf-batch);
+rates are generated tokens per process CPU second (the robust figure on a shared machine with one
+thread) and per wall second; the static engines also report how their time splits between prefill
+and decode steps. Then every engine regenerates a common set of --check conversations and the greedy
+records are compared with the first engine's.
 """
 
 from __future__ import annotations
@@ -24,17 +29,23 @@ from pathlib import Path
 
 import torch
 
+ENGINES = {"hf": ("hf", False), "static_noreuse": ("static", False), "static": ("static", True)}
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--engines", default="static_noreuse,static", help=f"comma list of {', '.join(ENGINES)}")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--hf-conversations", type=int, default=16)
-    ap.add_argument("--static-batch", type=int, default=64)
-    ap.add_argument("--static-conversations", type=int, default=128)
-    ap.add_argument("--check", type=int, default=8, help="conversations both engines regenerate for the equality check")
+    ap.add_argument("--batch", type=int, default=64, help="rows of the static engines")
+    ap.add_argument("--conversations", type=int, default=128, help="conversations each static engine regenerates")
+    ap.add_argument("--check", type=int, default=8, help="conversations every engine regenerates for the equality check")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    engines = [e for e in args.engines.split(",") if e]
+    if not engines or any(e not in ENGINES for e in engines):
+        ap.error(f"--engines: pick from {', '.join(ENGINES)}")
     torch.set_num_threads(args.threads)
 
     from specdistill import targets
@@ -46,39 +57,45 @@ def main(argv=None) -> dict:
     t_start = time.time()
     with stdout_to_stderr():
         target = targets.load("default")
-    n_all = max(args.hf_conversations, args.static_conversations) + args.check
+    n_all = max(args.hf_conversations, args.conversations) + args.check
     convs = list(itertools.islice(iter_conversations("default", SkipCounter()), n_all))
     kw = {"max_new_tokens": args.max_new_tokens, "max_prompt_tokens": 512}
-    out = {}
+    runs, recs = {}, {}
     with tempfile.TemporaryDirectory() as d:
-        runs = {"hf": (args.hf_batch, args.hf_conversations), "static": (args.static_batch, args.static_conversations)}
-        for eng, (bs, n) in runs.items():
+        for name in engines:
+            eng, reuse = ENGINES[name]
+            bs, n = (args.hf_batch, args.hf_conversations) if eng == "hf" else (args.batch, args.conversations)
             c0 = time.process_time()
-            s = rg.regenerate(convs[:n], target, Path(d) / f"{eng}.jsonl", batch_size=bs, engine=eng, **kw)
+            s = rg.regenerate(convs[:n], target, Path(d) / f"{name}.jsonl", batch_size=bs, engine=eng,
+                              reuse_prefix=reuse, **kw)
             c = time.process_time() - c0
-            out[eng] = {k: s[k] for k in ("engine", "written", "turns", "generated_tokens", "seconds",
-                                          "tokens_per_second", "finish_length")} | {
-                "batch_size": bs, "cpu_seconds": round(c, 2),
+            keep = ("engine", "written", "turns", "generated_tokens", "seconds", "tokens_per_second", "finish_length",
+                    "prefill_tokens", "reused_prefix_tokens", "prefill_seconds", "decode_seconds")
+            runs[name] = {k: round(s[k], 2) if isinstance(s[k], float) else s[k] for k in keep if k in s} | {
+                "reuse_prefix": reuse, "batch_size": bs, "cpu_seconds": round(c, 2),
                 "tokens_per_cpu_second": round(s["generated_tokens"] / c, 2)}
-            print(f"{eng}: {json.dumps(out[eng])}", file=sys.stderr, flush=True)
+            print(f"{name}: {json.dumps(runs[name])}", file=sys.stderr, flush=True)
         check = convs[n_all - args.check:]
-        recs = {}
-        for eng, bs in (("hf", args.hf_batch), ("static", args.static_batch)):
-            p = Path(d) / f"check-{eng}.jsonl"
-            rg.regenerate(check, target, p, batch_size=min(bs, args.check), engine=eng, **kw)
-            recs[eng] = sorted((json.loads(x) for x in p.read_text().splitlines() if x.strip()), key=lambda r: r["id"])
-    same = [a == b for a, b in zip(recs["hf"], recs["static"])]
+        for name in engines:
+            eng, reuse = ENGINES[name]
+            p = Path(d) / f"check-{name}.jsonl"
+            bs = args.hf_batch if eng == "hf" else args.batch
+            rg.regenerate(check, target, p, batch_size=min(bs, args.check), engine=eng, reuse_prefix=reuse, **kw)
+            recs[name] = sorted((json.loads(x) for x in p.read_text().splitlines() if x.strip()), key=lambda r: r["id"])
+    first, last = runs[engines[0]], runs[engines[-1]]
     res = {
         "benchmark": "regenerate_speed",
         "command": "python " + shlex.join(["benchmarks/regenerate_speed.py", *sys.argv[1:]]),
         "target": target.name, "dtype": str(next(target.model.parameters()).dtype),
         "torch_threads": torch.get_num_threads(), "machine": platform.machine(), **kw,
-        "before_hf_generate": out["hf"], "after_static": out["static"],
-        "speedup_cpu": out["static"]["tokens_per_cpu_second"] / out["hf"]["tokens_per_cpu_second"],
-        "speedup_wall": out["static"]["tokens_per_second"] / out["hf"]["tokens_per_second"],
-        "greedy_records_equal": f"{sum(same)}/{len(same)}",
-        "goal_tokens_per_second": 250, "goal_met_cpu": out["static"]["tokens_per_cpu_second"] >= 250,
-        "seconds": time.time() - t_start,
+        "runs": runs,
+        "before": engines[0], "after": engines[-1],
+        "speedup_cpu": round(last["tokens_per_cpu_second"] / first["tokens_per_cpu_second"], 3),
+        "speedup_wall": round(last["tokens_per_second"] / first["tokens_per_second"], 3),
+        "greedy_records_equal_to_first": {
+            n: f"{sum(a == b for a, b in zip(recs[engines[0]], recs[n]))}/{len(recs[n])}" for n in engines[1:]},
+        "goal_tokens_per_second": 250, "goal_met_cpu": last["tokens_per_cpu_second"] >= 250,
+        "seconds": round(time.time() - t_start, 1),
     }
     print(json.dumps(res, indent=1))
     return res

@@ -19,9 +19,10 @@ LLAMA3_TEMPLATE = (
 )
 
 
-def make_tokenizer(template: str = CHATML_TEMPLATE):
-    """A character-level-ish word-piece tokenizer built in-process, vocab < 128."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def make_tokenizer(template: str = CHATML_TEMPLATE, fuse: bool = False):
+    """A character-level-ish word-piece tokenizer built in-process, vocab < 128. `fuse`: decode without
+    the spaces WordLevel puts between tokens, so decoded text re-tokenizes to the same ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'\n:-_|<>/")
@@ -30,6 +31,8 @@ def make_tokenizer(template: str = CHATML_TEMPLATE):
     vocab = {t: i for i, t in enumerate(specials + chars)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    if fuse:
+        tk.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
                                   eos_token="<|im_end|>" if "im_start" in template else "<|eot_id|>",
                                   bos_token="<|begin_of_text|>")

@@ -218,3 +218,31 @@ def test_gzip_corpus_appends_and_survives_a_torn_member(tmp_path, tiny_target, t
     recs = [json.loads(x) for x in gzip.open(out, "rt").read().splitlines()]  # any gzip reader sees it whole
     assert [r["id"] for r in recs] == ["c0", "c1", "c2", "c3"] and recs[:2] == first
     assert out.stat().st_size < len("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_static_extend_equals_a_fresh_prefill(tiny_target):
+    """A row's cached tokens extended by new ones (a finished turn + the next prompt) give the logits of
+    prefilling the whole sequence anew, with another row decoding beside it, through a pack and a clock
+    jump that leaves the other row's columns with a gap."""
+    torch.manual_seed(0)
+    dec = rg.StaticBatch(tiny_target, 2, max_prompt=40, max_new=8, columns=60)
+    first, other = torch.randint(8, 80, (9,)).tolist(), torch.randint(8, 80, (5,)).tolist()
+    dec.prefill(0, first)
+    dec.prefill(1, other)
+    fed = [[], []]
+    for _ in range(6):  # both rows decode; the clock moves on
+        toks = torch.randint(8, 80, (2,))
+        dec.step(toks, torch.ones(2, dtype=torch.bool))
+        fed[0].append(int(toks[0]))
+        fed[1].append(int(toks[1]))
+    more = torch.randint(8, 80, (32,)).tolist()  # more than the columns before the clock: packs, clock jumps
+    got = dec.extend(0, more)
+    assert got is not None and int(dec.pos[0]) == 9 + 6 + 32 and dec.t == 47
+    ref = rg.StaticBatch(tiny_target, 1, max_prompt=60, max_new=8).prefill(0, first + fed[0] + more)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # both rows keep decoding correctly after the extension
+    nxt = dec.step(torch.tensor([5, 6]), torch.ones(2, dtype=torch.bool))
+    for row, seq in ((0, first + fed[0] + more + [5]), (1, other + fed[1] + [6])):
+        solo = rg.StaticBatch(tiny_target, 1, max_prompt=60, max_new=8).prefill(0, seq)
+        torch.testing.assert_close(nxt[row], solo, atol=1e-5, rtol=1e-5)
+    assert dec.extend(0, list(range(8, 8 + 40))) is None  # past the row's span: the caller re-prefills

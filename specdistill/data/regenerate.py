@@ -288,14 +288,46 @@ class StaticBatch:
         self.pos[row] = n
         return self.model.lm_head(h[0, -1])
 
+    def extend(self, row: int, more: list[int]) -> torch.Tensor | None:
+        """Append `more` to the row's cached tokens (its finished turn plus the next prompt's new tokens):
+        the row's live columns move to end `len(more)` columns before the clock and only `more` is
+        computed, at the positions after the cached ones. The logits (V,) of its last token, or None
+        (nothing changed: the caller prefills) when the result would not fit the row's span."""
+        n, have = len(more), int(self.pos[row])
+        if have + n > self.span - 1:
+            return None
+        if have + n > self.t:
+            self._pack()
+            if have + n > self.t:  # as prefill does: the clock moves on (other rows just keep a gap)
+                self.t = have + n
+        src = self.live[row].nonzero().squeeze(1)  # in column order = position order
+        if src.numel() != have:
+            raise RuntimeError(f"regenerate: cache row {row} holds {src.numel()} columns for {have} tokens")
+        c0 = self.t - n - have
+        for i in range(len(self.layers)):  # index_select copies first, so overlapping moves are safe
+            self.k[i][row, :, c0:c0 + have] = self.k[i][row].index_select(1, src)
+            self.v[i][row, :, c0:c0 + have] = self.v[i][row].index_select(1, src)
+        self.live[row] = False
+        self.live[row, c0:self.t] = True
+        cols = torch.arange(self.t - n, self.t, device=self.device)
+        mask = torch.ones(n, have + n, dtype=torch.bool, device=self.device).tril(diagonal=have)[None, None]
+        ids = torch.tensor([more], device=self.device)
+        pos = torch.arange(have, have + n, device=self.device)[None]
+        h = self._forward(ids, pos, torch.tensor([row], device=self.device), cols, mask, lo=c0)
+        self.pos[row] = have + n
+        return self.model.lm_head(h[0, -1])
+
     def step(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,) at the clock column; rows with active=False are ignored. Logits (B, V)."""
         if self.t >= self.S:
             self._pack()
         t = self.t
         self.live[:, t] = active
-        # attend only to columns some row still uses (live spans all end at the clock)
-        lo = max(0, t + 1 - int(self.live[:, max(0, t + 1 - self.span):t + 1].sum(1).max()))
+        # attend only from the first column some row still uses (a row's columns may have a gap where
+        # the clock jumped past a packed cache for a long prompt, so count from the front, not the clock)
+        used = self.live[:, :t + 1].any(0)
+        used[t] = True
+        lo = int(used.int().argmax())
         mask = self.live[:, None, None, lo:t + 1].clone()
         mask[~active, 0, 0, t - lo] = True  # an idle row must still see one column (its output is discarded)
         cols = torch.tensor([t], device=self.device)
@@ -308,12 +340,15 @@ class StaticBatch:
 
 def regenerate(conversations: Iterable, target, out_path: str | Path, *, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, max_prompt_tokens: int = 512,
-               seed: int = 0, limit: int = 0, progress: bool = False, engine: str = "auto") -> dict:
+               seed: int = 0, limit: int = 0, progress: bool = False, engine: str = "auto",
+               reuse_prefix: bool = True) -> dict:
     """Regenerate every assistant turn of `conversations` (Conversation objects or ShareGPT/OpenAI dicts)
     into `out_path` (append-only JSONL); returns counts and throughput of this call.
 
     engine: "static" (StaticBatch: preallocated KV cache, rows refilled token by token), "hf" (rounds of
-    left-padded HF `generate`), "auto" = static where the target's architecture allows it."""
+    left-padded HF `generate`), "auto" = static where the target's architecture allows it.
+    reuse_prefix (static engine): a conversation's next turn extends the tokens already in its cache row
+    instead of prefilling the whole conversation again (when its prompt starts with them)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = done_ids(out_path)
@@ -435,7 +470,7 @@ def regenerate(conversations: Iterable, target, out_path: str | Path, *, max_new
     stats["engine"] = engine
     if engine == "static":
         _static_loop(target, gen, batch_size, max_prompt_tokens, max_new_tokens, temperature, top_p, seed,
-                     take, next_prompt, write, turn_done, stats, progress, t0)
+                     take, next_prompt, write, turn_done, stats, progress, t0, reuse_prefix)
         return _finish(stats, gen, out_path, t0)
 
     # Continuous batching (hf engine): every round each conversation in the pool answers its next user
@@ -470,7 +505,7 @@ def _finish(stats, gen, out_path, t0) -> dict:
 
 @torch.no_grad()
 def _static_loop(target, gen, batch_size, max_prompt_tokens, max_new_tokens, temperature, top_p, seed,
-                 take, next_prompt, write, turn_done, stats, progress, t0) -> None:
+                 take, next_prompt, write, turn_done, stats, progress, t0, reuse_prefix=True) -> None:
     """Token-level continuous batching on StaticBatch: a row whose turn ends gets the conversation's
     next turn (or the next conversation) prefilled into its slot before the next decode step."""
     from specdistill.verify import sampling
@@ -483,6 +518,10 @@ def _static_loop(target, gen, batch_size, max_prompt_tokens, max_new_tokens, tem
     active = torch.zeros(B, dtype=torch.bool)
     nxt = torch.zeros(B, dtype=torch.long)
     eos = gen.eos
+    cached: list[list[int]] = [[] for _ in range(B)]  # the token ids in each row's cache, in order
+    owner: list[dict | None] = [None] * B  # the conversation they belong to
+    stats["prefill_tokens"] = stats["reused_prefix_tokens"] = 0
+    stats["prefill_seconds"] = stats["decode_seconds"] = 0.0
 
     def pick(slot: int, logits: torch.Tensor) -> int:
         if temperature > 0:
@@ -506,7 +545,22 @@ def _static_loop(target, gen, batch_size, max_prompt_tokens, max_new_tokens, tem
             if temperature > 0:  # per conversation and turn, whatever slot or batch it lands in
                 h = hashlib.sha256(f"{seed}:{st['id']}:{len(st['finish'])}".encode()).digest()
                 gens[slot] = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") >> 1)
-            return dec.prefill(slot, p)
+            # A later turn whose prompt starts with the tokens already in the row (the previous prompt and
+            # answer, when the answer's text re-tokenizes to the same ids) computes only the new tokens.
+            had, logits = cached[slot], None
+            c0 = time.perf_counter()
+            if (reuse_prefix and st is owner[slot] and 0 < len(had) < len(p) and len(had) == int(dec.pos[slot])
+                    and p[:len(had)] == had):
+                logits = dec.extend(slot, p[len(had):])
+            if logits is None:
+                logits = dec.prefill(slot, p)
+                stats["prefill_tokens"] += len(p)
+            else:
+                stats["prefill_tokens"] += len(p) - len(had)
+                stats["reused_prefix_tokens"] += len(had)
+            owner[slot], cached[slot] = st, list(p)
+            stats["prefill_seconds"] += time.perf_counter() - c0
+            return logits
 
     def advance(slot: int, logits: torch.Tensor | None) -> None:
         """Take the slot's next token; on a finished turn start the next one (possibly several)."""
@@ -518,6 +572,7 @@ def _static_loop(target, gen, batch_size, max_prompt_tokens, max_new_tokens, tem
             if not stopped and len(body[slot]) < max_new_tokens:
                 nxt[slot] = tok
                 active[slot] = True
+                cached[slot].append(tok)  # fed at the next step
                 return
             turn_done(work[slot], body[slot], stopped)
             logits = start(slot)
@@ -534,10 +589,14 @@ def _static_loop(target, gen, batch_size, max_prompt_tokens, max_new_tokens, tem
             dec.narrow(rows)
             work = [work[r] for r in rows]
             body = [body[r] for r in rows]
+            cached = [cached[r] for r in rows]
+            owner = [owner[r] for r in rows]
             gens = [gens[r] for r in rows]
             nxt, active = nxt[rows].clone(), active[rows].clone()
             B = len(rows)
+        c0 = time.perf_counter()
         logits = dec.step(nxt.to(dec.device), active.to(dec.device)).float().cpu()
+        stats["decode_seconds"] += time.perf_counter() - c0
         steps += 1
         for slot in [r for r in range(B) if active[r]]:
             advance(slot, logits[slot])
