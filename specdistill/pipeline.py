@@ -97,14 +97,21 @@ def score(cfg, drafter_dir: Path, out_dir: Path | None = None, target=None) -> d
 
 
 def compare(results: dict[str, dict]) -> str:
-    """A small side-by-side table of eval results (name -> eval.json dict)."""
-    rows = [f"{'drafter':<12}{'tau':>7}{'speed-up':>10}{'identical':>11}  alpha by draft position"]
+    """A small side-by-side table of eval results (name -> eval.json dict). The last column says how the
+    draft length was chosen: a fixed chain of k, or the adaptive policy and the share of passes it drafted."""
+    rows = [f"{'drafter':<12}{'tau':>7}{'speed-up':>10}{'identical':>11}  {'drafting':<26}alpha by draft position"]
     for name, r in results.items():
         o = r.get("overall", r)
         alpha = " ".join("-" if a is None else f"{a:.2f}" for a in o.get("alpha", []))
         ident = o.get("identical_to_greedy")
+        st = r.get("settings") or {}
+        pol = st.get("adaptive")
+        if pol:
+            how = f"adaptive, {1 - pol['plain_passes'] / max(pol['passes'], 1):.0%} of passes"
+        else:
+            how = f"chain of {st['num_draft_tokens']}" if st.get("num_draft_tokens") else "-"
         rows.append(f"{name:<12}{o.get('tau', float('nan')):>7.2f}{o.get('speedup', float('nan')):>9.2f}x"
-                    f"{str(ident):>11}  {alpha}")
+                    f"{str(ident):>11}  {how:<26}{alpha}")
     return "\n".join(rows)
 
 

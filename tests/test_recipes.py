@@ -70,4 +70,7 @@ def test_demo_recipe_on_a_tiny_target(tiny, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "not scoring it against this target" in text
     assert "== summary" in text and "fresh" in text
-    assert (out / "export" / "native" / "eval.json").exists()
+    ev = json.loads((out / "export" / "native" / "eval.json").read_text())
+    pol = ev["settings"]["adaptive"]  # the demo scores with the adaptive policy on (demo.yaml)
+    assert pol and pol["passes"] >= 1
+    assert f"adaptive, {1 - pol['plain_passes'] / pol['passes']:.0%} of passes" in text
