@@ -9,9 +9,12 @@ on the same target-regenerated answers (`data regenerate`, --regen conversations
   untrained            the pruned draft as is
   seqkd                CE on the regenerated answers (recipes/configs/seqkd.yaml)
   distillspec_<loss>_l<lmbda>   divergence to the target over the full vocabulary (distillspec.yaml)
-Each export is scored by `specdistill eval` (greedy, chain of --k draft tokens) on the Spec-Bench subset
+  <condition>@v<N>     the same with drafter.draft_vocab_size=N: an output layer over the N most frequent
+                       label tokens (native export only; the draft cost is measured for it too)
+Each export is scored by `specdistill eval` (chain of --k draft tokens) at every --temperatures value
+(0 = greedy, token-identical; > 0 = lossless speculative sampling, seed 0) on the Spec-Bench subset
 (--per-category questions of every category, --max-new-tokens), which also decodes plainly for the
-speed-up. Then: the draft's cost per token as a fraction of a target decode step (one cached
+speed-up; the figures at T go under "eval" (greedy) and "eval_t<T>". Then: the draft's cost per token as a fraction of a target decode step (one cached
 single-token forward each, median), and HF assisted generation (`generate(assistant_model=...)`,
 num_assistant_tokens = --k, constant) with the untrained and the best distilled hf_draft exports side
 by side in one run, against plain greedy `generate`, on the first --hf-prompts Spec-Bench questions.
@@ -48,14 +51,20 @@ def _train(recipe: str, out: Path, data_source: str, minutes: float, extra: list
                      "wall_s": round(time.time() - t0, 1), "overrides": extra}
 
 
-def _score(target, drafter_dir: Path, args) -> dict:
+def _eval_key(t: float) -> str:
+    return "eval" if t == 0 else f"eval_t{t:g}"
+
+
+def _score(target, drafter_dir: Path, args, temperature: float = 0.0) -> dict:
     from specdistill import scoring
 
-    r = scoring.score(target, str(drafter_dir), drafter_dir, limit_per_category=args.per_category, limit=args.limit,
-                      max_new_tokens=args.max_new_tokens, num_draft_tokens=args.k, progress=False, quiet=True)
+    r = scoring.score(target, str(drafter_dir), drafter_dir.parents[1] / f"eval_t{temperature:g}",
+                      limit_per_category=args.per_category, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                      num_draft_tokens=args.k, temperature=temperature, seed=0, progress=False, quiet=True)
     o = r["overall"]
-    keep = {k: o.get(k) for k in ("tau", "speedup", "alpha", "identical_to_greedy", "tokens_per_s", "generations",
-                                  "new_tokens", "draft_time_s", "verify_time_s", "wall_time_s")}
+    keep = {k: o.get(k) for k in ("tau", "speedup", "alpha", "identical_to_greedy", "lossless", "tokens_per_s",
+                                  "generations", "new_tokens", "draft_time_s", "verify_time_s", "wall_time_s")}
+    keep["temperature"] = temperature
     keep["baseline"] = o.get("baseline")
     return keep
 
@@ -125,7 +134,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--k", type=int, default=3, help="draft length (chain) for eval and HF")
     p.add_argument("--hf-prompts", type=int, default=4)
-    p.add_argument("--conditions", default="seqkd,fkl_l0,tvd_l0,tvd_l0.5")
+    p.add_argument("--conditions", default="seqkd,fkl_l0,tvd_l0,tvd_l0.5",
+                   help="seqkd, <fkl|rkl|jsd|tvd>_l<lmbda>, each optionally @v<N> (reduced draft vocabulary)")
+    p.add_argument("--temperatures", default="0", help="comma-separated decode temperatures (0 = greedy)")
     p.add_argument("--reuse", action="store_true", help="keep the conditions an earlier run in --out finished")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -140,7 +151,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {"command": "OMP_NUM_THREADS=1 nice -n 10 python benchmarks/small_draft.py " + " ".join(sys.argv[1:]),
-                 "target": "SmolLM2-135M-Instruct (embedded, fp32)", "draft": "pruned target layers 0-3, full vocab",
+                 "target": "SmolLM2-135M-Instruct (embedded, fp32)",
+                 "draft": "pruned target layers 0-3, full vocab (@v<N>: an N-token output layer)",
                  "threads": 1, "settings": vars(args), "conditions": {}}
 
     prev = json.loads((out / "small_draft.json").read_text()) if args.reuse and (out / "small_draft.json").is_file() else {}
@@ -148,13 +160,23 @@ def main() -> None:
     def dump():
         (out / "small_draft.json").write_text(json.dumps(res, indent=1))
 
+    temps = [float(t) for t in args.temperatures.split(",") if t]
+
     def reused(cond: str) -> dict | None:
         """--reuse: an earlier run's condition whose exports are still there (its figures are kept)."""
         d = out / cond / "export"
-        if cond in prev.get("conditions", {}) and (d / "native").is_dir() and (d / "hf_draft").is_dir():
+        wants = ["native"] + ([] if "@v" in cond else ["hf_draft"])
+        if cond in prev.get("conditions", {}) and all((d / f).is_dir() for f in wants):
             res["conditions"][cond] = prev["conditions"][cond]
-            return {"native": d / "native", "hf_draft": d / "hf_draft"}
+            return {f: d / f for f in wants}
         return None
+
+    def scored(cond: str, w: dict) -> None:
+        """Every --temperatures figure the condition does not have yet."""
+        for t in temps:
+            if _eval_key(t) not in res["conditions"][cond]:
+                res["conditions"][cond][_eval_key(t)] = _score(target, w["native"], args, t)
+                dump()
 
     with stdout_to_stderr():
         target = targets.load("default")
@@ -171,7 +193,8 @@ def main() -> None:
         if w is None:
             w = export.write(base, ExportConfig(formats=["native", "hf_draft"], dtype="float32"),
                              out / "untrained" / "export", target)
-            res["conditions"]["untrained"] = {"train": None, "eval": _score(target, w["native"], args)}
+            res["conditions"]["untrained"] = {"train": None}
+        scored("untrained", w)
         dirs = {"untrained": w}
         dump()
         c = [x for x in args.conditions.split(",") if x]
@@ -180,25 +203,32 @@ def main() -> None:
             w = reused(cond)
             if w is not None:
                 dirs[cond] = w
+                scored(cond, w)
                 continue
-            if cond == "seqkd":
+            base_cond, _, vocab = cond.partition("@v")
+            if base_cond == "seqkd":
                 recipe, extra = "seqkd", []
             else:
-                loss, lm = cond.split("_l")
+                loss, lm = base_cond.split("_l")
                 recipe, extra = "distillspec", [f"drafter.loss={names[loss]}", f"drafter.lmbda={float(lm)}"]
+            if vocab:
+                extra.append(f"drafter.draft_vocab_size={int(vocab)}")
             w, tr = _train(recipe, out / cond, str(regen), args.minutes, extra)
             dirs[cond] = w
-            res["conditions"][cond] = {"train": tr, "eval": _score(target, w["native"], args)}
-            dump()
+            res["conditions"][cond] = {"train": tr}
+            scored(cond, w)
         # draft cost per token
         tgt_ms = _step_ms(target.model)
         d_ms = _step_ms(base.lm.eval())
         res["draft_cost"] = {"target_step_ms": round(tgt_ms, 2), "draft_step_ms": round(d_ms, 2),
                              "fraction_of_target_step": round(d_ms / tgt_ms, 3), "context": 200,
                              "by_hand_FAMILIES_C6": 0.316}
+        for cond in [k for k in dirs if "@v" in k]:  # the reduced output layer is the point of the variant
+            r_ms = _step_ms(export.load_native(dirs[cond]["native"], target).lm.eval())
+            res["draft_cost"][cond] = {"draft_step_ms": round(r_ms, 2), "fraction_of_target_step": round(r_ms / tgt_ms, 3)}
         dump()
-        trained = [k for k in res["conditions"] if k != "untrained"]
-        best = max(trained, key=lambda k: res["conditions"][k]["eval"]["tau"] or 0) if trained else None
+        trained = [k for k in res["conditions"] if k != "untrained" and "hf_draft" in dirs[k]]
+        best = max(trained, key=lambda k: res["conditions"][k][_eval_key(temps[0])]["tau"] or 0) if trained else None
         hf = {"untrained": dirs["untrained"]["hf_draft"]}
         if best:
             hf[best] = dirs[best]["hf_draft"]

@@ -27,6 +27,17 @@ Target logits: the spec asks the Trainer for the target's final-normed last hidd
 (target_output = hidden, no layers) instead of its (B, T, V) logits; the loss gathers the continuation
 positions first and applies the target's LM head to those rows only, in row chunks under activation
 checkpointing, so neither side ever materialises more than `loss_chunk` x V logits at a time.
+
+Reduced vocabulary (drafter.draft_vocab_size = Vd > 0, native format only): the draft's output layer
+predicts only the Vd most frequent target tokens of the training labels (the d2t/t2d map of
+drafters/vocab_map.py, as EAGLE-3, Medusa and CTC use it; input embeddings stay over the whole
+vocabulary). Its head starts from the Vd rows of the draft's own head (a pruned draft's is the
+target's). The proposer maps draft ids to target ids, its distribution is zero outside the subset
+(lossless rejection sampling still holds: q = 0 there only means those tokens come from the residual).
+Losses over the subset: CE drops label positions whose token is outside it (`num_loss_tokens` counts
+the same positions); the divergences compare the draft with the target *renormalised over the subset*
+(the target's mass outside is dropped, as EAGLE-3 does). HF assisted generation, vLLM and SGLang need
+the target's whole vocabulary, so hf_draft refuses such a draft.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ from torch.utils.checkpoint import checkpoint
 
 from specdistill import losses
 from specdistill.drafters.base import Drafter, DrafterSpec, LossOutput, register
-from specdistill.drafters.vocab_map import FrozenTargetTensors
+from specdistill.drafters.vocab_map import DraftVocabulary
 from specdistill.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -77,6 +88,9 @@ class SmallLMConfig:
     """Sampling temperature of the rollout (TRL GKD uses 0.9)."""
     loss_chunk: int = 256
     """Rows of logits computed at a time in the loss (activation-checkpointed)."""
+    draft_vocab_size: int = 0
+    """0 = the target's vocabulary; N > 0: the output layer covers the N most frequent training-label tokens
+    (native format only: engines and HF assisted generation need the whole vocabulary)."""
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -88,6 +102,8 @@ class SmallLMConfig:
         if self.lmbda > 0 and self.loss == "ce":
             raise ConfigError("drafter.lmbda > 0 needs a divergence loss (forward_kl, reverse_kl, jsd, tvd): "
                               "hard CE on the draft's own samples would teach it nothing")
+        if self.draft_vocab_size < 0:
+            raise ConfigError(f"drafter.draft_vocab_size ({self.draft_vocab_size}) must be 0 (full) or > 0")
         if self.rollout_tokens < 1 or self.rollout_temperature <= 0 or self.loss_chunk < 1:
             raise ConfigError("drafter.rollout_tokens, rollout_temperature and loss_chunk must be positive")
 
@@ -198,7 +214,7 @@ def model_from_dir(target, path: str):
 # The drafter
 
 
-class SmallLMDrafter(FrozenTargetTensors, Drafter):
+class SmallLMDrafter(DraftVocabulary, Drafter):
     """A whole causal LM `self.lm` (HF), trained by Seq-KD (CE) or DistillSpec (a divergence)."""
 
     def __init__(self, cfg: SmallLMConfig, target):
@@ -219,17 +235,45 @@ class SmallLMDrafter(FrozenTargetTensors, Drafter):
         self.pad_id = int(pad if pad is not None else 0)
         eos = getattr(target.tokenizer, "eos_token_id", None) if target.tokenizer is not None else None
         self.eos_ids = {int(eos)} if eos is not None else set()
-        self.vocab_size = int(target.vocab_size)
+        v = int(target.vocab_size)
+        vd = cfg.draft_vocab_size or v
+        if vd > v:
+            raise ConfigError(f"drafter.draft_vocab_size ({cfg.draft_vocab_size}) exceeds the target vocabulary ({v})")
         # The target's LM head, outside the module tree (never saved, trained or DDP-broadcast).
-        self._frozen = {"head": target.lm_head.weight.detach()}
+        self._hold_target_tensors(head=target.lm_head.weight)
         hb = getattr(target.lm_head, "bias", None)
         if hb is not None:
             self._frozen["head_bias"] = hb.detach()
+        # The map's buffers are saved only for a reduced vocabulary (full-vocabulary exports stay as they were).
+        self._init_draft_vocabulary(v, vd, persistent=vd < v)
+        if vd < v:
+            self._reduce_head(vd)
         # A tied head is one tensor under two names; checkpoints and native exports keep one name
         # (safetensors refuses shared storage) and loading puts it back under both.
         if self.tied:
             self._register_state_dict_hook(_drop_tied_head)
             self._register_load_state_dict_pre_hook(_restore_tied_head)
+
+    def _reduce_head(self, vd: int) -> None:
+        """Replace the LM's head by a (Vd, H) one, untied from the input embedding; its rows come from the
+        draft's own full head (`_on_vocab_map`, once the map is known)."""
+        old = self.lm.get_output_embeddings()
+        if getattr(old, "bias", None) is not None:
+            raise ConfigError("drafter.draft_vocab_size: the draft's LM head has a bias (not supported)")
+        self._source_head = old.weight.detach()  # a pruned draft's tied head = the target's rows; not a parameter
+        head = torch.nn.Linear(old.weight.shape[1], vd, bias=False, dtype=old.weight.dtype, device=old.weight.device)
+        self.lm.config.tie_word_embeddings = False
+        self.lm.set_output_embeddings(head)
+        self._on_vocab_map()
+
+    def _on_vocab_map(self) -> None:
+        with torch.no_grad():
+            w = self.lm.get_output_embeddings().weight
+            w.copy_(self._source_head[self.draft_ids.to(self._source_head.device)].to(w))
+
+    @property
+    def reduced(self) -> bool:
+        return self.draft_vocab_size < self.vocab_size
 
     @property
     def tied(self) -> bool:
@@ -241,10 +285,13 @@ class SmallLMDrafter(FrozenTargetTensors, Drafter):
 
     # -- Drafter contract --------------------------------------------------------------------
 
-    @staticmethod
-    def num_loss_tokens(batch) -> torch.Tensor:
-        """Continuation tokens with a preceding position (the logits at t predict token t+1)."""
-        return batch["loss_mask"][:, 1:].sum()
+    def num_loss_tokens(self, batch) -> torch.Tensor:
+        """Continuation tokens with a preceding position (the logits at t predict token t+1); with a
+        reduced vocabulary and CE, only those whose token is in the draft vocabulary."""
+        m = batch["loss_mask"][:, 1:].bool()
+        if self.reduced and not self.cfg.distills:
+            m = m & (self.to_draft_ids(batch["input_ids"][:, 1:]) >= 0)
+        return m.sum()
 
     def trainable_parameters(self):
         return [p for p in self.lm.parameters() if p.requires_grad]
@@ -261,14 +308,18 @@ class SmallLMDrafter(FrozenTargetTensors, Drafter):
         from specdistill.verify.proposer import ProposerOptions
         from specdistill.verify.proposers import DraftModelProposer
 
+        self._check_ready()
         o = options or ProposerOptions()
         model = self.lm if target is None else self.lm.to(target.device)
+        ids = self.draft_ids.clone() if self.reduced else None
         return DraftModelProposer(model.eval(), o.num_draft_tokens, o.temperature, o.top_p, o.top_k, seed=o.seed,
-                                  confidence_threshold=o.confidence_threshold, tree=o.tree)
+                                  confidence_threshold=o.confidence_threshold, tree=o.tree, draft_ids=ids,
+                                  vocab_size=self.vocab_size)
 
     def export_info(self) -> dict:
         return {"variant": self.variant, "num_layers": int(self.lm.config.num_hidden_layers),
-                "vocab_size": self.vocab_size, "hf_config": self.lm.config,
+                "vocab_size": self.vocab_size, "draft_vocab_size": int(self.draft_vocab_size),
+                "hf_config": self.lm.config,
                 "architecture": type(self.lm).__name__}
 
     # -- rollout (DistillSpec / GKD on-policy data) -------------------------------------------
@@ -295,6 +346,7 @@ class SmallLMDrafter(FrozenTargetTensors, Drafter):
             o = self.lm.model(input_ids=ids, cache=cache, use_cache=True)
             z = self.lm.lm_head(o.last_hidden_state[:, -1]).float().cpu()[0]
             x = int(torch.multinomial(torch.softmax(z / self.cfg.rollout_temperature, -1), 1, generator=g))
+            x = int(self.draft_ids[x]) if self.reduced else x  # draft id -> target id
             out.append(x)
             if x in self.eos_ids:
                 break
@@ -341,8 +393,12 @@ class SmallLMDrafter(FrozenTargetTensors, Drafter):
         if th is None:
             return losses.cross_entropy(z, labels, "sum"), (z.argmax(-1) == labels).sum()
         with torch.no_grad():
-            zt = torch.nn.functional.linear(th.to(self._frozen["head"].dtype), self._frozen["head"],
-                                            self._frozen.get("head_bias"))
+            hb = self._frozen.get("head_bias")
+            if hb is not None and self.reduced:
+                hb = hb[self.draft_ids.to(hb.device)]
+            # Over a reduced vocabulary: the target's logits of the subset only, so its softmax is the
+            # target renormalised over the subset (module docstring).
+            zt = torch.nn.functional.linear(th.to(self._frozen["head"].dtype), self.head_rows(), hb)
             lt = torch.log_softmax(zt.float(), -1)
         name = self.cfg.loss
         if name == "forward_kl":
@@ -356,10 +412,13 @@ class SmallLMDrafter(FrozenTargetTensors, Drafter):
         return per, (z.argmax(-1) == zt.argmax(-1)).sum()
 
     def loss(self, batch: dict, target_out) -> LossOutput:
+        self._check_ready()
         m = batch["loss_mask"][:, 1:].bool()
+        if self.reduced and not self.cfg.distills:  # CE: a label outside the draft vocabulary cannot be learnt
+            m = m & (self.to_draft_ids(batch["input_ids"][:, 1:]) >= 0)
         out = self.lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         h = out.last_hidden_state[:, :-1][m]  # gather the loss positions before any head
-        labels = batch["input_ids"][:, 1:][m]
+        labels = self.to_draft_ids(batch["input_ids"][:, 1:][m])  # draft ids (= target ids for the full vocabulary)
         th = None
         if self.cfg.distills:
             if target_out is None or target_out.last_hidden is None:

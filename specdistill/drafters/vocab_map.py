@@ -1,4 +1,4 @@
-"""What drafters that predict over a reduced draft vocabulary share (EAGLE-3, Medusa, CTC): the d2t/t2d
+"""What drafters that predict over a reduced draft vocabulary share (EAGLE-3, Medusa, CTC, small_lm): the d2t/t2d
 map of FORMATS.md 1.1, the target tensors they read without owning, and `fit` building the map.
 
     class MyDrafter(DraftVocabulary, Drafter):
@@ -48,12 +48,14 @@ class DraftVocabulary(FrozenTargetTensors):
     """The d2t/t2d draft-vocabulary map (module docstring) for a drafter whose `_frozen["head"]` is the
     target's LM head. A family re-initialises its own rows in `_on_vocab_map()` (called after `set_vocab_map`)."""
 
-    def _init_draft_vocabulary(self, vocab_size: int, draft_vocab_size: int) -> None:
+    def _init_draft_vocabulary(self, vocab_size: int, draft_vocab_size: int, persistent: bool = True) -> None:
+        """`persistent=False` keeps d2t/t2d/vocab_map_ready out of the state dict (small_lm at full
+        vocabulary: its weights stay a plain causal LM's)."""
         self.vocab_size, self.draft_vocab_size = vocab_size, draft_vocab_size
         v, vd = vocab_size, draft_vocab_size
-        self.register_buffer("d2t", torch.zeros(vd, dtype=torch.int64))
-        self.register_buffer("t2d", torch.arange(v) < vd)
-        self.register_buffer("vocab_map_ready", torch.tensor(vd == v))
+        self.register_buffer("d2t", torch.zeros(vd, dtype=torch.int64), persistent=persistent)
+        self.register_buffer("t2d", torch.arange(v) < vd, persistent=persistent)
+        self.register_buffer("vocab_map_ready", torch.tensor(vd == v), persistent=persistent)
         self.register_buffer("draft_ids", torch.arange(vd), persistent=False)
         self.register_buffer("draft_index", torch.where(torch.arange(v) < vd, torch.arange(v), -1), persistent=False)
 

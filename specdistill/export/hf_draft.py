@@ -44,8 +44,15 @@ def path_problem(path: str | Path) -> str | None:
 
 
 def engine_gap(drafter) -> str | None:
-    if "hf_config" not in drafter.export_info():
+    info = drafter.export_info()
+    if "hf_config" not in info:
         return f"{FORMAT} needs a whole causal LM drafter (small_lm), not {drafter.spec.name!r}"
+    vd, v = int(info.get("draft_vocab_size") or info["vocab_size"]), int(info["vocab_size"])
+    if vd != v:
+        return (f"{FORMAT} needs the target's whole vocabulary ({v} tokens) but this draft's output layer covers "
+                f"drafter.draft_vocab_size={vd}: HF assisted generation, vLLM draft_model and SGLang STANDALONE "
+                "read draft logits as target token ids; export it as native (specdistill eval) or train with "
+                "drafter.draft_vocab_size=0")
     return None
 
 

@@ -90,11 +90,16 @@ class DraftModelProposer(Proposer):
     With `tree=(w1, w2, ...)` it drafts a tree instead: the w_d most likely children of every node
     at depth d-1 (sampled without replacement when temperature > 0), one draft forward per depth
     with a tree attention mask (SpecInfer's expansion-based token tree, Miao et al. 2024, sec. 3).
+
+    `draft_ids` (Vd,) for a draft whose head covers only a subset of the target vocabulary (small_lm
+    with drafter.draft_vocab_size): row i of its logits is target token draft_ids[i]; the logits are
+    scattered into the target's `vocab_size` with -inf elsewhere, so every drafted id is a target id and
+    the draft distribution is exactly zero outside the subset.
     """
 
     def __init__(self, model, num_draft_tokens: int = 5, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, confidence_threshold: float = 0.0,
-                 tree: tuple[int, ...] | None = None):
+                 tree: tuple[int, ...] | None = None, draft_ids: torch.Tensor | None = None, vocab_size: int = 0):
         if num_draft_tokens < 1:
             raise ValueError(f"DraftModelProposer: num_draft_tokens must be >= 1, got {num_draft_tokens}")
         self.model = model.eval()
@@ -106,6 +111,10 @@ class DraftModelProposer(Proposer):
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.device = next(model.parameters()).device
+        if draft_ids is not None and vocab_size < 1:
+            raise ValueError("DraftModelProposer: draft_ids needs the target's vocab_size")
+        self.draft_ids = None if draft_ids is None else draft_ids.to(self.device)
+        self.vocab_size = vocab_size
         self.cache = None
         self.fed = torch.empty(0, dtype=torch.long)  # tokens whose K/V are in self.cache
 
@@ -117,7 +126,14 @@ class DraftModelProposer(Proposer):
 
     def _step(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.model.model(input_ids=ids[None].to(self.device), cache=self.cache, use_cache=True)
-        return self.model.lm_head(out.last_hidden_state[0, -1])
+        return self._head(out.last_hidden_state[0, -1])
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits over the target vocabulary (..., V) from the draft's last hidden states (..., H)."""
+        z = self.model.lm_head(h)
+        if self.draft_ids is None:
+            return z
+        return z.new_full((*z.shape[:-1], self.vocab_size), float("-inf")).index_copy_(-1, self.draft_ids, z)
 
     @torch.inference_mode()
     def propose(self, state: ProposerState) -> DraftTree:
@@ -206,7 +222,7 @@ class DraftModelProposer(Proposer):
             out = self.model.model(input_ids=torch.tensor([[tokens[n] for n in new]], device=self.device),
                                    attention_mask=mask.to(self.device), position_ids=pos.to(self.device),
                                    cache=self.cache, use_cache=True)
-            logits = self.model.lm_head(out.last_hidden_state[0])
+            logits = self._head(out.last_hidden_state[0])
             frontier = [(node, logits[r]) for r, node in enumerate(new)]
             fed += q
         if fed:

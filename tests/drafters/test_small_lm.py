@@ -215,3 +215,147 @@ def test_recipes_train_export_and_score_on_a_tiny_target(tmp_path, recipe, extra
     assert gc["num_assistant_tokens"] == 2
     ev = json.loads((hf / "eval.json").read_text())
     assert ev["overall"]["identical_to_greedy"] is True
+
+
+# -- reduced draft vocabulary (drafter.draft_vocab_size) ---------------------------------------
+
+
+def _reduced(target, vd=40, seed=3, **kw):
+    """A pruned draft over the target ids of a random subset of size vd (installed like fit() does)."""
+    from specdistill.data.vocab import vocab_map_from_counts
+
+    d = drafters.build(SmallLMConfig(keep_layers=[0, 1], draft_vocab_size=vd, **kw), target)
+    counts = torch.rand(target.vocab_size, generator=torch.Generator().manual_seed(seed))
+    d2t, t2d = vocab_map_from_counts(counts, vd)
+    d.set_vocab_map(d2t, t2d)
+    return d
+
+
+def test_reduced_vocab_head_is_the_target_rows_and_needs_a_map(target4):
+    d = drafters.build(SmallLMConfig(keep_layers=[0, 1], draft_vocab_size=40), target4)
+    with pytest.raises(RuntimeError, match="no vocab map"):
+        d.proposer(target4)
+    d = _reduced(target4)
+    assert d.lm.lm_head.weight.shape == (40, 64) and not d.tied
+    assert torch.equal(d.lm.lm_head.weight, target4.lm_head.weight[d.draft_ids])
+    assert d.lm.lm_head.weight.untyped_storage().data_ptr() != d.lm.model.embed_tokens.weight.untyped_storage().data_ptr()
+    with pytest.raises(ConfigError, match="exceeds"):
+        drafters.build(SmallLMConfig(draft_vocab_size=500), target4)
+    full = drafters.build(SmallLMConfig(keep_layers=[0, 1]), target4)
+    assert not any(k in full.state_dict() for k in ("d2t", "t2d", "vocab_map_ready"))  # unchanged full-vocab weights
+
+
+def test_reduced_vocab_losses_are_over_the_subset(target4):
+    b = _batch(vocab=128)
+    ce = _reduced(target4)
+    inside = ce.to_draft_ids(b["input_ids"][:, 1:]) >= 0
+    n = int((b["loss_mask"][:, 1:].bool() & inside).sum())
+    assert 0 < n < int(b["loss_mask"][:, 1:].sum())  # some labels fall outside the subset
+    o = ce.loss(b, None)
+    assert int(o.num_tokens) == n == int(ce.num_loss_tokens(b))
+    # by hand: CE of the draft's Vd logits at the in-subset label positions, labels as draft ids
+    m = b["loss_mask"][:, 1:].bool() & inside
+    z = ce.lm(b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1][m]
+    want = torch.nn.functional.cross_entropy(z, ce.to_draft_ids(b["input_ids"][:, 1:][m]), reduction="sum")
+    torch.testing.assert_close(o.loss, want, rtol=1e-5, atol=1e-4)
+    # divergence: the target renormalised over the subset; every loss position counts
+    fkl = _reduced(target4, loss="forward_kl")
+    tout = target4(b["input_ids"], b["attention_mask"], return_logits=False)
+    o = fkl.loss(b, tout)
+    mm = b["loss_mask"][:, 1:].bool()
+    assert int(o.num_tokens) == int(mm.sum()) == int(fkl.num_loss_tokens(b))
+    with torch.no_grad():
+        zt = target4.model(b["input_ids"]).logits[:, :-1][mm][:, fkl.draft_ids]
+    z = fkl.lm(b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1][mm]
+    lp, lq = torch.log_softmax(zt, -1), torch.log_softmax(z, -1)
+    torch.testing.assert_close(o.loss, (lp.exp() * (lp - lq)).sum(), rtol=1e-4, atol=1e-4)
+
+
+def test_reduced_vocab_rollout_samples_target_ids_in_the_subset(target4):
+    d = _reduced(target4, loss="tvd", lmbda=1.0, rollout_tokens=6)
+    b = _batch(n=2)
+    out = d.rollout(b, target4, torch.tensor([5, 6]))
+    toks = out["input_ids"][out["loss_mask"].bool()]
+    assert toks.numel() > 0 and bool(d.t2d[toks].all())
+
+
+def test_reduced_vocab_greedy_is_token_identical(target4):
+    from specdistill.verify.proposer import ProposerOptions
+    from specdistill.verify.verifier import Verifier
+
+    d = _reduced(target4, vd=60).eval()
+    ver = Verifier(target4)
+    prompt = torch.randint(8, 128, (10,), generator=torch.Generator().manual_seed(2)).tolist()
+    plain = ver.generate(prompt, None, max_new_tokens=24, eos_token_ids=[])
+    for tree in (None, (2, 2)):
+        prop = d.proposer(target4, ProposerOptions(num_draft_tokens=3, tree=tree))
+        spec = ver.generate(prompt, prop, max_new_tokens=24, eos_token_ids=[])
+        assert spec.tokens == plain.tokens
+    from specdistill.verify.proposer import ProposerState
+
+    for tree in (None, (3, 2)):
+        drafted = d.proposer(target4, ProposerOptions(num_draft_tokens=4, tree=tree)).propose(
+            ProposerState(tokens=torch.tensor(prompt)))
+        assert bool(d.t2d[drafted.tokens].all())  # draft ids came back as target ids of the subset
+
+
+def test_reduced_vocab_proposer_is_zero_outside_the_subset_and_sampling_is_lossless():
+    """Chi-square: P(first two tokens) with the reduced draft == the target's joint, tokens outside the
+    draft vocabulary included (they can only come from the residual)."""
+    from test_verify import assert_matches
+
+    from specdistill.verify import sampling
+    from specdistill.verify.proposer import ProposerOptions, ProposerState
+    from specdistill.verify.verifier import Verifier
+
+    V = 16
+    target = TargetModel(make_llama(vocab_size=V, hidden=32, layers=2, seed=11), make_tokenizer(), name="v16")
+    with torch.no_grad():
+        target.model.model.norm.weight.mul_(3.0)
+    d = _reduced(target, vd=6, seed=1).eval()
+    prompt = [1, 4, 2, 5]
+    prop = d.proposer(target, ProposerOptions(num_draft_tokens=2, temperature=0.9, seed=0))
+    tree = prop.propose(ProposerState(tokens=torch.tensor(prompt)))
+    assert tree.probs.shape[-1] == V and float(tree.probs[:, ~d.t2d].abs().sum()) == 0.0
+    assert bool(d.t2d[tree.tokens].all())
+    with torch.no_grad():
+        p1 = sampling.warp(target.model(torch.tensor([prompt])).logits[0, -1], 0.9)
+        p2 = torch.stack([sampling.warp(target.model(torch.tensor([prompt + [a]])).logits[0, -1], 0.9)
+                          for a in range(V)])
+    assert float(p1[~d.t2d].sum()) > 0.05  # the target does put mass outside the draft vocabulary
+    ver = Verifier(target)
+    counts = torch.zeros(V * V)
+    for s in range(500):
+        prop = d.proposer(target, ProposerOptions(num_draft_tokens=2, temperature=0.9, seed=s))
+        res = ver.generate(prompt, prop, max_new_tokens=2, temperature=0.9, seed=s, eos_token_ids=[])
+        counts[res.tokens[0] * V + res.tokens[1]] += 1
+    assert_matches(counts, (p1[:, None] * p2).flatten())
+
+
+def test_reduced_vocab_native_round_trip_and_hf_draft_refusal(target4, tmp_path):
+    from specdistill import loading
+    from specdistill.config import ExportConfig
+    from specdistill.export import ContractError, resolve_formats, write
+    from specdistill.verify.proposer import ProposerOptions
+    from specdistill.verify.verifier import Verifier
+
+    d = _reduced(target4, vd=50)
+    with torch.no_grad():
+        for p in d.lm.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    with pytest.raises(ContractError, match="draft_vocab_size=50"):
+        write(d, ExportConfig(formats=["hf_draft"], dtype="float32"), tmp_path / "hf", target4)
+    assert resolve_formats(d, []) == ["native"]  # the default export skips what cannot express it
+    out = write(d, ExportConfig(formats=["native"], dtype="float32"), tmp_path, target4)
+    back = loading.load_drafter(out["native"], target4)
+    assert back.cfg.draft_vocab_size == 50 and torch.equal(back.d2t, d.d2t) and torch.equal(back.t2d, d.t2d)
+    assert torch.equal(back.draft_ids, d.draft_ids)
+    a, b = d.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ver = Verifier(target4)
+    prompt = [9, 20, 31, 42, 53]
+    o = ProposerOptions(num_draft_tokens=3, temperature=1.0, seed=4)
+    r1 = ver.generate(prompt, d.eval().proposer(target4, o), max_new_tokens=16, temperature=1.0, seed=4,
+                      eos_token_ids=[])
+    r2 = ver.generate(prompt, back.proposer(target4, o), max_new_tokens=16, temperature=1.0, seed=4, eos_token_ids=[])
+    assert r1.tokens == r2.tokens
