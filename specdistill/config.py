@@ -90,6 +90,8 @@ class TrainConfig:
     """Linear warmup steps before the cosine decay."""
     min_lr_ratio: float = 0.1
     """Cosine decays to lr * min_lr_ratio."""
+    lr_schedule: str = "cosine"
+    """Decay after the warmup, to lr * min_lr_ratio at max_steps: cosine, or linear (speculators' default)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
     mixed_precision: str = "auto"
@@ -130,6 +132,8 @@ class TrainConfig:
             self.warmup_steps = max(0, self.max_steps // 10)
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision ({self.mixed_precision!r}) must be auto, no, bf16 or fp16")
+        if self.lr_schedule not in ("cosine", "linear"):
+            raise ConfigError(f"train.lr_schedule ({self.lr_schedule!r}) must be cosine or linear")
         if self.features not in ("online", "offline"):
             raise ConfigError(f"train.features ({self.features!r}) must be online or offline")
         ints = {"max_steps": 1, "micro_batch_size": 1, "grad_accum": 1, "log_every": 1, "save_every": 0,

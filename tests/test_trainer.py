@@ -173,3 +173,15 @@ def test_progress_bar_under_a_time_budget(tmp_path, tiny_target, monkeypatch):
     assert 1 <= tr.step <= 4, tr.step
     assert totals and max(totals) < 100, totals  # never the 1,000,000 of max_steps
     assert totals[-1] == tr.step
+
+
+def test_linear_lr_schedule_decays_linearly_to_the_floor():
+    from specdistill.train.schedule import lr_factor
+
+    assert lr_factor(0, 2, 12, 0.0, "linear") == 0.5
+    assert lr_factor(2, 2, 12, 0.0, "linear") == 1.0
+    assert abs(lr_factor(7, 2, 12, 0.0, "linear") - 0.5) < 1e-9
+    assert lr_factor(12, 2, 12, 0.1, "linear") == pytest.approx(0.1)
+    assert lr_factor(7, 2, 12, 0.0, "cosine") == pytest.approx(0.5)  # cosine midpoint agrees, quarter points differ
+    assert lr_factor(4, 2, 12, 0.0, "linear") == pytest.approx(0.8)
+    assert lr_factor(4, 2, 12, 0.0, "cosine") > 0.9

@@ -78,6 +78,12 @@ class EagleConfig:
     """Half-width of uniform noise added to the target features while training (EAGLE-1 used 0.1)."""
     init_from_target: bool = True
     """Initialise the draft LM head (rows d2t) and final norm from the target's (eagle3)."""
+    freeze_lm_head: bool = False
+    """eagle3: keep the draft LM head fixed at the target's rows d2t (no gradient, not in the optimizer), as
+    speculators trains EAGLE-3; needs init_from_target. The final norm stays trainable."""
+    step_loss_norm: str = "step0"
+    """Normaliser of unrolled step j's loss: step0 = its sum over the step-0 token count (the Trainer's; step j
+    has j fewer positions per row), per_step = its mean over its own positions (speculators)."""
     fc_norm: bool = False
     """EAGLE-3.1 (speculators PR 610, SpecForge PR 568): a learnt RMSNorm on each fused target layer
     before fc, fc(cat(norm_1(h_a), norm_2(h_b), ...)); tensors `fc_norm.{i}.weight` (eagle3 only)."""
@@ -110,6 +116,11 @@ class EagleConfig:
             raise ConfigError(f"drafter.feature_noise ({self.feature_noise}) must be >= 0")
         if self.hass_topk_weight < 0:
             raise ConfigError(f"drafter.hass_topk_weight ({self.hass_topk_weight}) must be >= 0")
+        if self.step_loss_norm not in ("step0", "per_step"):
+            raise ConfigError(f"drafter.step_loss_norm ({self.step_loss_norm!r}) must be step0 or per_step")
+        if self.freeze_lm_head and (self.variant != "eagle3" or not self.init_from_target):
+            raise ConfigError("drafter.freeze_lm_head needs drafter.variant=eagle3 and drafter.init_from_target=true "
+                              "(the frozen head is the target's rows; eagle1 always uses the target's head)")
         if self.variant != "eagle3" and (self.fc_norm or self.norm_output):
             raise ConfigError("drafter.fc_norm / drafter.norm_output are EAGLE-3.1 options: they need "
                               f"drafter.variant=eagle3 (got {self.variant!r})")
@@ -199,6 +210,7 @@ class EagleDrafter(DraftVocabulary, Drafter):
         if eagle3:
             self.norm = DraftRMSNorm(h, self.eps)
             self.lm_head = nn.Linear(h, vd, bias=False)
+            self.lm_head.weight.requires_grad_(not cfg.freeze_lm_head)
             if cfg.fc_norm:  # EAGLE-3.1: one learnt norm per fused target layer (engines: fc_norm.{i}.weight)
                 self.fc_norm = nn.ModuleList([DraftRMSNorm(h, self.eps) for _ in self.layer_ids])
         self._init_weights(lc.initializer_range if hasattr(lc, "initializer_range") else 0.02)
@@ -442,6 +454,8 @@ class EagleDrafter(DraftVocabulary, Drafter):
                 lf = losses.feature_regression(o, sel(feat_target))
                 step_loss = step_loss + w_feat * lf
                 metrics[f"loss_feature_step{j}"] = lf.detach()
+            if cfg.step_loss_norm == "per_step" and not every:
+                step_loss = step_loss * (n0 / int(valid.sum()))  # the Trainer divides by n0: a mean over step j's
             total = total + w_step * step_loss
             metrics[f"correct_step{j}"] = (top == sel(t_top)).sum()
             metrics[f"tokens_step{j}"] = valid.sum()

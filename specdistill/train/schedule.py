@@ -1,18 +1,19 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to lr * min_lr_ratio."""
+"""Learning-rate schedule: linear warmup, then cosine (or linear) decay to lr * min_lr_ratio."""
 
 from __future__ import annotations
 
 import math
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier of the peak lr after `step` optimizer steps (LambdaLR convention)."""
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float, shape: str = "cosine") -> float:
+    """Multiplier of the peak lr after `step` optimizer steps (LambdaLR convention); shape cosine or linear."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if max_steps <= warmup_steps:
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay = 1.0 - progress if shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
 def param_groups(params, weight_decay: float) -> list[dict]:

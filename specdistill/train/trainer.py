@@ -113,8 +113,8 @@ class Trainer:
         # The scheduler is stepped by us once per optimizer step, so warmup_steps means optimizer
         # steps whatever the number of processes (accelerate's prepared scheduler would step N times).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, self.tc.warmup_steps, self.tc.max_steps, self.tc.min_lr_ratio)
-        )
+            opt, lambda s: lr_factor(s, self.tc.warmup_steps, self.tc.max_steps, self.tc.min_lr_ratio,
+                                     self.tc.lr_schedule))
         self.model, self.optimizer = acc.prepare(
             _LossModule(drafter, target if self.needs.trains_target else None, self.target_fn), opt)
         self.is_deepspeed = acc.distributed_type.name == "DEEPSPEED"

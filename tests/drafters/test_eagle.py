@@ -618,3 +618,31 @@ def test_eagle31_flags_survive_export_and_reload_and_mismatches_are_refused(tmp_
         (bad / "config.json").write_text(json.dumps({**c, **edit}))
         with pytest.raises(ValueError, match=match):
             load_drafter(bad, target)
+
+
+def test_frozen_lm_head_stays_the_target_rows_after_a_step(target, batch):
+    d = _build(target, batch, variant="eagle3", draft_vocab_size=64, freeze_lm_head=True)
+    rows = d.head_rows().detach().clone()
+    assert torch.equal(d.lm_head.weight, rows)
+    assert all(p is not d.lm_head.weight for p in d.trainable_parameters())
+    norm_before = d.norm.weight.detach().clone()
+    _fit(d, batch, _target_out(target, d, batch), steps=2, lr=1e-2)
+    assert torch.equal(d.lm_head.weight, rows)
+    assert not torch.equal(d.norm.weight, norm_before)  # the final norm still trains
+    with pytest.raises(ConfigError, match="freeze_lm_head"):
+        EagleConfig(variant="eagle3", freeze_lm_head=True, init_from_target=False)
+
+
+def test_per_step_loss_norm_divides_each_step_by_its_own_tokens(target, batch):
+    kw = dict(variant="eagle3", draft_vocab_size=64, ttt_steps=3, step_loss_decay=1.0)
+    batch = dict(batch, loss_mask=torch.ones_like(batch["loss_mask"]))  # loss from the start: step j loses j rows
+    a, b = _build(target, batch, **kw), _build(target, batch, step_loss_norm="per_step", **kw)
+    tout = _target_out(target, a, batch)
+    oa, ob = a.loss(batch, tout), b.loss(batch, tout)
+    n0 = oa.num_tokens
+    expected = sum(oa.metrics[f"loss_token_step{j}"] * n0 / oa.metrics[f"tokens_step{j}"] for j in range(3))
+    assert int(oa.metrics["tokens_step2"]) < n0  # later steps have fewer positions: the option changes the loss
+    assert torch.allclose(ob.loss, expected, rtol=1e-5)
+    assert ob.loss > oa.loss
+    with pytest.raises(ConfigError, match="step_loss_norm"):
+        EagleConfig(step_loss_norm="mean")
