@@ -83,6 +83,24 @@ def test_output_path_keyed_by_settings(tiny_target, sharegpt_file):
     assert a == rg.output_path("root", str(sharegpt_file), tiny_target, {"max_new_tokens": 4, "temperature": 0.0})
 
 
+def test_output_key_follows_content_not_path_or_mtime(tmp_path, tiny_target, sharegpt_file):
+    """A corpus made on one machine is continued on another: the key hashes the source's bytes, not
+    where it is installed or when; changed bytes (same size) give a new key."""
+    import os
+    import shutil
+
+    st = {"max_new_tokens": 4, "temperature": 0.0}
+    copy = tmp_path / "elsewhere" / sharegpt_file.name
+    copy.parent.mkdir()
+    shutil.copy(sharegpt_file, copy)
+    os.utime(copy, (1, 1))
+    assert rg.output_path("r", str(copy), tiny_target, st) == rg.output_path("r", str(sharegpt_file), tiny_target, st)
+    raw = bytearray(copy.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    copy.write_bytes(bytes(raw))
+    assert rg.output_path("r", str(copy), tiny_target, st) != rg.output_path("r", str(sharegpt_file), tiny_target, st)
+
+
 def test_cli_regenerate(tmp_path, sharegpt_file):
     from conftest import make_llama, make_tokenizer
 

@@ -551,10 +551,12 @@ class Source:
     path: Path | None
 
     def identity(self) -> str:
+        """hf: sources: see hf_identity. A file: its size and the sha256 of its bytes, so the same data gives
+        the same cache and corpus keys on any machine, whatever its path or install time (a committed
+        self-distillation corpus keeps growing in the file its key names)."""
         if self.path is None:
             return hf_identity(self.spec)
-        st = self.path.stat()
-        return f"{self.path.resolve()}|{st.st_size}|{int(st.st_mtime)}"
+        return file_identity(self.path)
 
     def iter(self, counter: SkipCounter) -> Iterator[Conversation]:
         if self.path is None:
@@ -597,6 +599,20 @@ def split_of(conv_id: str, seed: int, val_fraction: float) -> str:
     h = hashlib.sha256(f"{seed}:{conv_id}".encode("utf-8", "surrogatepass")).digest()
     u = int.from_bytes(h[:8], "big") / 2**64
     return "val" if u < val_fraction else "train"
+
+
+_FILE_IDS: dict[tuple, str] = {}
+
+
+def file_identity(path: Path) -> str:
+    """`<size>|<sha256>` of a file's content, hashed once per process per (path, size, mtime)."""
+    from specdistill.fsutil import sha256_file
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_IDS:
+        _FILE_IDS[key] = f"{st.st_size}|{sha256_file(path)}"
+    return _FILE_IDS[key]
 
 
 def hf_identity(spec: str) -> str:
