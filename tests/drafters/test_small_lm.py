@@ -359,3 +359,31 @@ def test_reduced_vocab_native_round_trip_and_hf_draft_refusal(target4, tmp_path)
                       eos_token_ids=[])
     r2 = ver.generate(prompt, back.proposer(target4, o), max_new_tokens=16, temperature=1.0, seed=4, eos_token_ids=[])
     assert r1.tokens == r2.tokens
+
+
+def test_reduced_vocab_recipe_fits_the_map_exports_native_only_and_scores(tmp_path, monkeypatch):
+    """distillspec.py with drafter.draft_vocab_size: fit() builds the map from the labels, the default
+    export skips hf_draft, the native export scores identical to greedy."""
+    import json
+    import runpy
+
+    from conftest import write_tiny_run_inputs
+
+    from specdistill import config
+
+    monkeypatch.chdir(tmp_path)  # the vocabulary cache (data/vocab) lands here
+    t, convs, q = write_tiny_run_inputs(tmp_path)
+    main = runpy.run_path(str(config.REPO_ROOT / "recipes" / "distillspec.py"), run_name="recipe")["main"]
+    out = tmp_path / "run"
+    main([f"target.name={t}", f"data.source={convs}", f"data.prepared_dir={tmp_path / 'prep'}", "data.max_length=64",
+          "data.val_fraction=0.1", "data.min_loss_tokens=2", "drafter.keep_layers=[0,1]", "drafter.draft_vocab_size=30",
+          "drafter.loss=forward_kl", "drafter.lmbda=0", f"train.output_dir={out}", "train.max_steps=2",
+          "train.micro_batch_size=2", "train.save_every=2", "train.eval_every=0", "train.trackers=[none]",
+          "train.progress=false", "train.mixed_precision=no", "train.max_minutes=0", f"eval.questions={q}",
+          "eval.limit_per_category=0", "eval.max_new_tokens=8", "eval.num_draft_tokens=2", "export.dtype=float32"],
+         recipe="distillspec")
+    assert not (out / "export" / "hf_draft").exists()
+    nat = out / "export" / "native"
+    assert json.loads((nat / "config.json").read_text())["drafter_config"]["draft_vocab_size"] == 30
+    assert json.loads((nat / "eval.json").read_text())["overall"]["identical_to_greedy"] is True
+    assert any((tmp_path / "data" / "vocab").iterdir())  # the map was fitted from the training labels
