@@ -19,8 +19,8 @@ recipe's mixed precision) for the number of optimizer steps whose batches (the T
 first reach --tokens label tokens, so every arm of a seed sees identical batches. Label tokens/s =
 label tokens / seconds from each step's feature read to the end of its optimizer step (the first step,
 a warm-up, excluded), measured in this run. An arm whose <out>/arms/<name>/result.json exists is not
-retrained (resumable); --force retrains. `baseline_seed1` re-runs the baseline with seed 1 (its own
-data order and init): |baseline - baseline_seed1| is the noise floor wins are judged against.
+retrained (resumable); --force retrains. `<arm>_seed<N>` re-runs an arm with seed N (its own data order
+and init); the spread of baseline, baseline_seed1, ... is the noise floor wins are judged against.
 
 Learning curves (issue 15): `prepare(...)` builds the data once; `train_arm(setup, overrides, tokens,
 seed, curve_tokens=[...])` trains one arm and calls `measure` at every label-token count of
@@ -33,7 +33,9 @@ import argparse
 import gzip
 import json
 import math
+import re
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -58,8 +60,14 @@ ARMS: dict[str, list[str]] = {
     "peer_adamw": ["train.betas=[0.9,0.999]", "train.weight_decay=0.01"],
     "peer_step_weighting": ["drafter.step_loss_decay=1.0", "drafter.step_loss_norm=per_step"],
     "feature_noise": ["drafter.feature_noise=0.05"],
+    # not peer differences: the learning rate the other way, and the recipe's 50-step warmup as it fell at
+    # the issue's ~84k tokens (72 steps); at fewer steps the Trainer cuts a warmup >= max_steps to max_steps // 10
+    "lr_3e-4": ["train.lr=3e-4"],  # the recipe's lr before issue 16: the "baseline" of results/ablate.json
+    "lr_6e-4": ["train.lr=6e-4"],
+    "lr_1e-3": ["train.lr=1e-3"],  # the recipe's lr since issue 16
+    "issue_warmup": ["train.warmup_steps={warmup_issue}"],
 }
-SEED_ARM = "baseline_seed1"  # the baseline with seed 1: the noise estimate
+SEED_ARM = "baseline_seed1"  # the baseline with seed 1: the noise estimate (any <arm>_seed<N> works)
 
 
 @dataclass
@@ -182,7 +190,9 @@ def measure(drafter, setup: Setup, batch_size: int = 4) -> dict:
 
 
 def _resolve(overrides: list[str], steps: int) -> list[str]:
-    return [o.format(warmup_1pct=steps // 100) for o in overrides]
+    """Placeholders: {warmup_1pct} = speculators' warmup (1% of the steps); {warmup_issue} = the issue-16 run's
+    share (50 warmup steps of its 72, the recipe's warmup_steps=50 at ~84k label tokens) of these steps."""
+    return [o.format(warmup_1pct=steps // 100, warmup_issue=round(steps * 50 / 72)) for o in overrides]
 
 
 def train_arm(setup: Setup, overrides: list[str], tokens: int, seed: int, out_dir: Path,
@@ -240,7 +250,12 @@ def train_arm(setup: Setup, overrides: list[str], tokens: int, seed: int, out_di
     tok_s = timed_tok / max(sum(secs[1:]), 1e-9)
     from specdistill.train import topology
 
-    return {"overrides": ov, "seed": seed, "steps": steps, "label_tokens": planned,
+    t, d = cfg.train, cfg.drafter
+    resolved = {"lr": t.lr, "betas": list(t.betas), "weight_decay": t.weight_decay, "grad_clip": t.grad_clip,
+                "warmup_steps": t.warmup_steps, "lr_schedule": t.lr_schedule, "min_lr_ratio": t.min_lr_ratio,
+                "freeze_lm_head": d.freeze_lm_head, "step_loss_decay": d.step_loss_decay,
+                "step_loss_norm": d.step_loss_norm, "feature_noise": d.feature_noise}
+    return {"overrides": ov, "config": resolved, "seed": seed, "steps": steps, "label_tokens": planned,
             "label_tokens_per_s": round(tok_s, 1), "train_s": round(sum(secs), 1),
             "mixed_precision": topology.resolve_precision(cfg.train.mixed_precision),
             "final_train_loss": round(res["losses"][-1], 4), **measure(drafter, setup),
@@ -253,6 +268,9 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", default=",".join([*ARMS, SEED_ARM]), help="comma-separated arm names")
     ap.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
                     help="an extra arm: name=space-separated key=value overrides of the EAGLE recipe (repeatable)")
+    ap.add_argument("--subset-tokens", type=int, default=0,
+                    help="label tokens of the training subset (one epoch; 0 = --tokens): less = arms run several epochs")
+    ap.add_argument("--arms-dir", default="arms", help="folder under --out for the arm runs (keep one per --tokens)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target", default="default")
     ap.add_argument("--limit", type=int, default=800, help="ShareGPT conversations prepared (data.limit) to draw from")
@@ -266,12 +284,16 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     arms = {k: list(v) for k, v in ARMS.items()}
-    arms[SEED_ARM] = []
     for spec in args.arm:
         name, _, ov = spec.partition("=")
         arms[name.strip()] = shlex.split(ov)
     names = [a.strip() for a in args.arms.split(",") if a.strip()] + [s.partition("=")[0].strip() for s in args.arm]
     names = list(dict.fromkeys(names))
+    seeds = {n: args.seed for n in arms}
+    for n in names:  # <arm>_seed<N>: that arm again with seed N (its own init and data order)
+        m = re.fullmatch(r"(.+)_seed(\d+)", n)
+        if m and m.group(1) in arms and n not in arms:
+            arms[n], seeds[n] = arms[m.group(1)], int(m.group(2))
     unknown = [n for n in names if n not in arms]
     if unknown:
         raise SystemExit(f"unknown arms {unknown}; known: {', '.join(arms)}")
@@ -280,20 +302,20 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     with stdout_to_stderr():
-        setup = prepare(out, args.tokens, args.target, args.limit)
+        setup = prepare(out, args.subset_tokens or args.tokens, args.target, args.limit)
         print(f"[ablate] data {setup.info}", file=sys.stderr, flush=True)
         results = {}
         for name in names:
-            rpath = out / "arms" / name / "result.json"
+            rpath = out / args.arms_dir / name / "result.json"
             if rpath.exists() and not args.force:
                 r = json.loads(rpath.read_text())
                 if r.get("tokens_requested") == args.tokens:
                     results[name] = r
                     print(f"[ablate] {name}: reused {rpath}", file=sys.stderr, flush=True)
                     continue
-            seed = 1 if name == SEED_ARM else args.seed
+            seed = seeds[name]
             t0 = time.perf_counter()
-            r = train_arm(setup, arms[name], args.tokens, seed, out / "arms" / name / "run", args.mixed_precision)
+            r = train_arm(setup, arms[name], args.tokens, seed, out / args.arms_dir / name / "run", args.mixed_precision)
             r.update(tokens_requested=args.tokens, wall_s=round(time.perf_counter() - t0, 1))
             fsutil.atomic_write_text(rpath, json.dumps(r, indent=1))
             results[name] = r
@@ -301,8 +323,11 @@ def main(argv=None) -> int:
                   flush=True)
     base = results.get("baseline")
     noise = None
-    if base and SEED_ARM in results:
-        noise = [round(abs(a - b), 4) for a, b in zip(base["agreement"], results[SEED_ARM]["agreement"])]
+    reps = [r["agreement"] for n, r in results.items() if n == "baseline" or re.fullmatch(r"baseline_seed\d+", n)]
+    if len(reps) > 1:  # the baseline under other seeds: spread and sample std per TTT step
+        cols = list(zip(*reps))
+        noise = {"runs": len(reps), "range": [round(max(c) - min(c), 4) for c in cols],
+                 "std": [round(statistics.stdev(c), 4) for c in cols]}
     for r in results.values():
         if base and r is not base:
             r["delta_vs_baseline"] = [round(a - b, 4) for a, b in zip(r["agreement"], base["agreement"])]
@@ -311,7 +336,7 @@ def main(argv=None) -> int:
     se = [round(math.sqrt(p * (1 - p) / max(n, 1)), 4) for p, n in zip(base["agreement"], base["tokens"])] if base else None
     result = {"command": shlex.join(["python", "benchmarks/ablate.py", *argv]), "target": setup.target.name,
               "tokens_per_arm": args.tokens, "data": setup.info, "torch_threads": torch.get_num_threads(),
-              "noise_seed_delta": noise, "baseline_binomial_se": se, "arms": results}
+              "noise_baseline_seeds": noise, "baseline_binomial_se": se, "arms": results}
     text = json.dumps(result, indent=1)
     if args.json:
         fsutil.atomic_write_text(args.json, text + "\n")
