@@ -8,7 +8,7 @@ Data (the same for every arm): training conversations of the embedded ShareGPT (
 prepared order, minus the conversations of the self-distillation corpus) until their label tokens cover
 one epoch of --tokens; their target features (layers 2/15/27 + the last hidden state) are computed once
 into an offline cache under <out>/features (`specdistill data features` layout) and reused by every arm.
-Validation: the committed self-distillation corpus (data/samples/selfdistill/*.jsonl.gz: the target's own
+Validation: the first 24 conversations of the committed self-distillation corpus (data/samples/selfdistill/*.jsonl.gz: the target's own
 greedy replies to ShareGPT prompts), cached the same way. The metric is teacher-forced top-1 agreement with
 the target per training-time-test step j = 0, 1, 2 (step j reads the drafter's own j earlier outputs),
 counted over every assistant token of that corpus, in fp32.
@@ -86,7 +86,12 @@ def _label_tokens(sample) -> int:
     return int(sum(sample["loss_mask"][2:]))  # EagleDrafter.num_loss_tokens per row
 
 
+VAL_CONVERSATIONS = 24  # the corpus's first records (its first run); it is append-only, so they never change
+
+
 def _selfdistill_jsonl(out: Path) -> tuple[Path, set[str]]:
+    """The validation text: the first VAL_CONVERSATIONS records of the committed corpus (later runs append
+    conversations after them, which learning_curve.py's regenerated arm may train on)."""
     files = sorted(SELFDISTILL.glob("*.jsonl.gz"))
     if not files:
         raise SystemExit(f"no self-distillation corpus under {SELFDISTILL}")
@@ -94,6 +99,7 @@ def _selfdistill_jsonl(out: Path) -> tuple[Path, set[str]]:
     for f in files:
         with gzip.open(f, "rt", encoding="utf-8") as fh:
             lines += [ln for ln in fh if ln.strip()]
+    lines = lines[:VAL_CONVERSATIONS]
     path = out / "selfdistill_val.jsonl"
     from specdistill import fsutil
 
@@ -196,9 +202,10 @@ def _resolve(overrides: list[str], steps: int) -> list[str]:
 
 
 def train_arm(setup: Setup, overrides: list[str], tokens: int, seed: int, out_dir: Path,
-              mixed_precision: str = "", curve_tokens: list[int] | tuple = ()) -> dict:
+              mixed_precision: str = "", curve_tokens: list[int] | tuple = (), keep: dict | None = None) -> dict:
     """Train the EAGLE-3 recipe + `overrides` for the steps reaching `tokens` label tokens; measure at the end
-    (and after each step whose cumulative label tokens first reach a value of curve_tokens)."""
+    (and after each step whose cumulative label tokens first reach a value of curve_tokens); `keep`, when
+    given, receives the trained drafter under "drafter"."""
     from accelerate.utils import set_seed
 
     import specdistill.drafters.eagle  # noqa: F401  (registers the family)
@@ -242,6 +249,8 @@ def train_arm(setup: Setup, overrides: list[str], tokens: int, seed: int, out_di
 
     tr.target_fn, tr.optimizer.step = timed_target, timed_opt
     res = tr.fit()
+    if keep is not None:  # the trained drafter, for a caller that also decodes with it
+        keep["drafter"] = drafter
     if res["tokens_seen"] != planned:
         raise RuntimeError(f"Trainer saw {res['tokens_seen']} label tokens, planned {planned}: the order replica "
                            "in steps_for_tokens no longer matches Trainer._loader")
