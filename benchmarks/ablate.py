@@ -24,7 +24,7 @@ and init); the spread of baseline, baseline_seed1, ... is the noise floor wins a
 
 Learning curves (issue 15): `prepare(...)` builds the data once; `train_arm(setup, overrides, tokens,
 seed, curve_tokens=[...])` trains one arm and calls `measure` at every label-token count of
-curve_tokens, returning {"curve": [{"tokens", "agreement", ...}], ...}.
+curve_tokens, returning {"curve": [{"label_tokens", "step", "agreement", ...}], ...}.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def train_arm(setup: Setup, overrides: list[str], tokens: int, seed: int, out_di
         label_seen[0] += step_tokens[-1]
         while pending and label_seen[0] >= pending[0]:  # outside the timed window
             pending.pop(0)
-            curve.append({"tokens": label_seen[0], "step": len(ends), **measure(drafter, setup)})
+            curve.append({**measure(drafter, setup), "label_tokens": label_seen[0], "step": len(ends)})
         return r
 
     tr.target_fn, tr.optimizer.step = timed_target, timed_opt
