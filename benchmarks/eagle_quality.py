@@ -249,16 +249,21 @@ def goals(results: dict, modes: list[str], minutes: float) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
+def json_main(parse_args, run, argv=None) -> dict:
+    """A harness's main: parse argv, `run(args, argv)` with everything the recipes, the Trainer, evaluate
+    and library loggers print sent to stderr, then the JSON document alone on stdout."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    # Everything the recipes, the Trainer, evaluate and library loggers print goes to stderr; stdout = the JSON.
     from specdistill.train.logging import stdout_to_stderr
 
     with stdout_to_stderr():
         doc = run(args, argv)
     print(json.dumps(doc, indent=1))
     return doc
+
+
+def main(argv=None) -> dict:
+    return json_main(parse_args, run, argv)
 
 
 def run(args, argv: list[str]) -> dict:

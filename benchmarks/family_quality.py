@@ -213,14 +213,7 @@ def run(args, argv: list[str]) -> dict:
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    from specdistill.train.logging import stdout_to_stderr
-
-    with stdout_to_stderr():
-        doc = run(args, argv)
-    print(json.dumps(doc, indent=1))
-    return doc
+    return EQ.json_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":
