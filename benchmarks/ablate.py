@@ -107,6 +107,29 @@ def _selfdistill_jsonl(out: Path) -> tuple[Path, set[str]]:
     return path, {json.loads(ln)["id"] for ln in lines}
 
 
+def covering(samples, tokens: int) -> tuple[list[dict], int]:
+    """Samples, in order, until their label tokens cover one epoch of `tokens` (with a margin: drop_last
+    and a short last batch must not end the epoch early); (samples, their label tokens)."""
+    need = int(tokens * 1.04) + 4096
+    chosen, have = [], 0
+    for s in samples:
+        chosen.append({"input_ids": s["input_ids"], "loss_mask": s["loss_mask"]})
+        have += _label_tokens(s)
+        if have >= need:
+            break
+    return chosen, have
+
+
+def emit(result: dict, json_path: str) -> None:
+    """The benchmark's JSON: written atomically to `json_path` (if given) and printed."""
+    from specdistill import fsutil
+
+    text = json.dumps(result, indent=1)
+    if json_path:
+        fsutil.atomic_write_text(json_path, text + "\n")
+    print(text)
+
+
 def prepare(out: Path, tokens: int, target_name: str = "default", limit: int = 800) -> Setup:
     """Target, training subset covering `tokens` label tokens (one epoch), validation corpus, both cached
     as offline features under out/features, and the draft vocabulary of the subset."""
@@ -118,17 +141,17 @@ def prepare(out: Path, tokens: int, target_name: str = "default", limit: int = 8
     target = targets.load(target_name)
     val_path, val_ids = _selfdistill_jsonl(out)
     train_ds, _, _ = build(DataConfig(limit=limit), target.tokenizer, verbose=False)
-    chosen, have, skipped = [], 0, 0
-    need = int(tokens * 1.04) + 4096  # drop_last and a short last batch must not end the epoch early
-    for i in range(len(train_ds)):
-        if train_ds.conversation_id(i) in val_ids:
-            skipped += 1
-            continue
-        s = train_ds[i]
-        chosen.append({"input_ids": s["input_ids"], "loss_mask": s["loss_mask"]})
-        have += _label_tokens(s)
-        if have >= need:
-            break
+    skipped = 0
+
+    def not_val():
+        nonlocal skipped
+        for i in range(len(train_ds)):
+            if train_ds.conversation_id(i) in val_ids:
+                skipped += 1
+                continue
+            yield train_ds[i]
+
+    chosen, have = covering(not_val(), tokens)
     if have < tokens:
         print(f"[ablate] only {have} label tokens in the training split; arms will run > 1 epoch", file=sys.stderr)
     vtr, vva, _ = build(DataConfig(source=str(val_path), val_fraction=0.0), target.tokenizer, verbose=False)
@@ -346,10 +369,7 @@ def main(argv=None) -> int:
     result = {"command": shlex.join(["python", "benchmarks/ablate.py", *argv]), "target": setup.target.name,
               "tokens_per_arm": args.tokens, "data": setup.info, "torch_threads": torch.get_num_threads(),
               "noise_baseline_seeds": noise, "baseline_binomial_se": se, "arms": results}
-    text = json.dumps(result, indent=1)
-    if args.json:
-        fsutil.atomic_write_text(args.json, text + "\n")
-    print(text)
+    emit(result, args.json)
     return 0
 
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import runpy
 import shlex
 import sys
@@ -116,7 +114,6 @@ def run(args, argv) -> dict:
     shapes = {"trie": None, "chain": ",".join(["1"] * args.depth)}
     results = {name: score(trained["export"], args, out / "ctc" / f"eval_{name}", tree, eb)
                for name, tree in shapes.items()}
-    import transformers
 
     doc = {
         "benchmark": "ctc_quality",
@@ -125,9 +122,7 @@ def run(args, argv) -> dict:
             "minutes": args.minutes, "target": args.target, "data": args.data, "questions": args.questions,
             "per_category": args.per_category, "max_new_tokens": args.max_new_tokens, "depth": args.depth,
             "temperature": 0.0, "extra": args.extra, "common_overrides": common,
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "out": str(out),
+            **eb.run_environment(out),
         },
         "training": trained,
         "results": results,

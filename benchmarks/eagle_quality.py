@@ -249,6 +249,15 @@ def goals(results: dict, modes: list[str], minutes: float) -> dict:
     return out
 
 
+def run_environment(out) -> dict:
+    """What a harness's JSON records of the machine and software it ran on (and its output folder)."""
+    import transformers
+
+    return {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "out": str(out)}
+
+
 def json_main(parse_args, run, argv=None) -> dict:
     """A harness's main: parse argv, `run(args, argv)` with everything the recipes, the Trainer, evaluate
     and library loggers print sent to stderr, then the JSON document alone on stdout."""
@@ -301,8 +310,6 @@ def run(args, argv: list[str]) -> dict:
     if not args.no_pld:
         results["pld"] = {mode: score("pld", args, out / "pld" / f"eval_{mode}", mode == "tree") for mode in modes}
 
-    import transformers
-
     doc = {
         "benchmark": "eagle_quality",
         "command": shlex.join(["python", "benchmarks/eagle_quality.py", *argv]),
@@ -311,9 +318,7 @@ def run(args, argv: list[str]) -> dict:
             "per_category": args.per_category, "max_new_tokens": args.max_new_tokens, "temperature": 0.0,
             "chain_k": args.chain_k, "tree": args.tree or None, "variants": args.variants,
             "regenerated_source": args.regenerated_source or None, "extra": args.extra,
-            "common_overrides": common, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "out": str(out),
+            "common_overrides": common, **run_environment(out),
         },
         "results": results,
         "goals": goals(results, modes, args.minutes),

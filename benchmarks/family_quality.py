@@ -42,8 +42,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -181,8 +179,6 @@ def run(args, argv: list[str]) -> dict:
         results[name] = rec
         print(f"[bench] {name}: " + json.dumps({m: rec[m]["tau"] for m in modes}), file=sys.stderr)
 
-    import transformers
-
     doc = {
         "benchmark": "family_quality",
         "command": shlex.join(["python", "benchmarks/family_quality.py", *argv]),
@@ -191,9 +187,7 @@ def run(args, argv: list[str]) -> dict:
             "questions": args.questions, "per_category": args.per_category, "max_new_tokens": args.max_new_tokens,
             "temperature": 0.0, "depth": args.depth, "chain_tree_arg": chain_tree, "tree": args.tree or None,
             "common_overrides": common, "extra": args.extra, "reuse": args.reuse,
-            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "out": str(out),
+            **EQ.run_environment(out),
         },
         "results": results,
         "comparison": comparison(results, modes),

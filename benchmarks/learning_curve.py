@@ -101,13 +101,7 @@ def prepare_regenerated(out: Path, setup, path: str, tokens: int):
 
     fsutil.atomic_write_text(src, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     tr, va, _ = build(DataConfig(source=str(src), val_fraction=0.0), setup.target.tokenizer, verbose=False)
-    samples, have = [], 0
-    for ds in (tr, va):  # in corpus order, until one epoch covers the budget (as ablate.prepare does)
-        for i in range(len(ds)):
-            if have >= int(tokens * 1.04) + 4096:
-                break
-            samples.append({"input_ids": ds[i]["input_ids"], "loss_mask": ds[i]["loss_mask"]})
-            have += ablate._label_tokens(samples[-1])
+    samples, _ = ablate.covering((ds[i] for ds in (tr, va) for i in range(len(ds))), tokens)
     cache = out / "features_regenerated"
     features.build_cache(setup.target, {"train": samples}, setup.layers, cache, batch_size=4)
     labels = [ablate._label_tokens(s) for s in samples]
@@ -210,10 +204,7 @@ def main(argv=None) -> int:
                "(reference/eagle3-smollm2-135m/TRAINING.md)", "teacher_forced_agreement": [0.255, 0.221, 0.182],
                "on": "the target's greedy text for the demo's 13 prompts (issue 15), not this validation set: its "
                      "regenerated stage covered these validation conversations"}}
-    text = json.dumps(res, indent=1)
-    if args.json:
-        fsutil.atomic_write_text(args.json, text + "\n")
-    print(text)
+    ablate.emit(res, args.json)
     return 0
 
 

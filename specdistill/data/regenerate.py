@@ -271,22 +271,15 @@ class StaticBatch:
         self.B = len(rows)
 
     def prefill(self, row: int, prompt: list[int]) -> torch.Tensor:
-        """Put `prompt` in cache row `row` (ending just before the clock); the logits (V,) of its last token."""
-        n = len(prompt)
-        if n > self.t:
-            self._pack()
-            if n > self.t:  # the packed clock is shorter than this prompt: start the row after it
-                self.t = n
-        c0 = self.t - n
+        """Put `prompt` in cache row `row` (ending just before the clock), dropping what the row held; the
+        logits (V,) of its last token."""
         self.live[row] = False
-        self.live[row, c0:self.t] = True
-        cols = torch.arange(c0, self.t, device=self.device)
-        mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()[None, None]
-        ids = torch.tensor([prompt], device=self.device)
-        pos = torch.arange(n, device=self.device)[None]
-        h = self._forward(ids, pos, torch.tensor([row], device=self.device), cols, mask, lo=c0)
-        self.pos[row] = n
-        return self.model.lm_head(h[0, -1])
+        self.pos[row] = 0
+        logits = self.extend(row, prompt)
+        if logits is None:
+            raise RuntimeError(f"regenerate: a prompt of {len(prompt)} tokens does not fit the static cache "
+                               f"(max_prompt_tokens + max_new_tokens = {self.span - 1})")
+        return logits
 
     def extend(self, row: int, more: list[int]) -> torch.Tensor | None:
         """Append `more` to the row's cached tokens (its finished turn plus the next prompt's new tokens):
@@ -298,7 +291,7 @@ class StaticBatch:
             return None
         if have + n > self.t:
             self._pack()
-            if have + n > self.t:  # as prefill does: the clock moves on (other rows just keep a gap)
+            if have + n > self.t:  # the clock moves on past the packed rows (they just keep a gap)
                 self.t = have + n
         src = self.live[row].nonzero().squeeze(1)  # in column order = position order
         if src.numel() != have:

@@ -15,15 +15,13 @@ from specdistill import config
 def test_first_draft_token_equals_teacher_forced_step0_on_generated_text():
     from specdistill import targets
     from specdistill.loading import load_drafter
+    from specdistill.verify.evaluate import encode_chat
     from specdistill.verify.proposer import ProposerOptions, ProposerState
 
     ref = config.REPO_ROOT / "reference" / "eagle3-smollm2-135m"
     target = targets.load("default")
     drafter = load_drafter(ref, target).float().eval()
-    tok = target.tokenizer
-    enc = tok.apply_chat_template([{"role": "user", "content": "Explain what a hash table is."}],
-                                  add_generation_prompt=True, return_tensors="pt")
-    prompt = (enc["input_ids"] if hasattr(enc, "keys") else enc)[0]
+    prompt = torch.tensor(encode_chat(target.tokenizer, [{"role": "user", "content": "Explain what a hash table is."}]))
     with torch.no_grad():
         seq = target.model.generate(prompt[None], max_new_tokens=40, do_sample=False)[0]
         tout = target(seq[None], torch.ones_like(seq)[None], layers=drafter.layer_ids, return_logits=False)
