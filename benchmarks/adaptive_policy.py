@@ -11,6 +11,9 @@ Per prompt the three runs (plain, fixed k, adaptive) are interleaved, rotating w
 machine-load drift hits them alike. speed-up = plain time / time, summed over prompts, by process CPU
 time (`speedup_*`: one thread, so time spent preempted by other jobs on a shared machine is left out)
 and by wall time (`speedup_*_wall`). Every output is checked against the plain greedy one.
+`--no-draft` adds a fourth run per prompt: the speculative loop with a policy that never drafts, so
+plain / no-draft (`speedup_no_draft`) is the loop's own price on plain passes (feature capture, the
+policy's bookkeeping) with no draft cost at all.
 """
 
 from __future__ import annotations
@@ -50,6 +53,18 @@ def build_proposers(target, names: list[str], k: int) -> dict:
     return out
 
 
+def never_policy(cost, k: int):
+    """An AdaptivePolicy that always chooses a plain step: the loop's overhead alone."""
+    from specdistill.verify.policy import AdaptivePolicy
+
+    class Never(AdaptivePolicy):
+        def choose(self, limit=None) -> int:
+            self.choices.append(0)
+            return 0
+
+    return Never(cost, max_tokens=k)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--drafters", default="reference,untrained,pld,truncated:4")
@@ -57,6 +72,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--num-draft-tokens", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-draft", action="store_true", help="also time the speculative loop with a never-drafting policy")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -83,14 +99,16 @@ def main(argv=None) -> dict:
     for name, prop in proposers.items():
         policy = AdaptivePolicy(cost, max_tokens=args.num_draft_tokens)
         ver.generate(prompts[0], prop, max_new_tokens=8)
-        wall = {"plain": 0.0, "fixed": 0.0, "adaptive": 0.0}
-        cpu = {"plain": 0.0, "fixed": 0.0, "adaptive": 0.0}
-        steps = {"plain": 0, "fixed": 0, "adaptive": 0}
-        toks = {"plain": 0, "fixed": 0, "adaptive": 0}
+        modes = ["plain", "fixed", "adaptive"] + (["no_draft"] if args.no_draft else [])
+        never = never_policy(cost, args.num_draft_tokens)
+        wall = dict.fromkeys(modes, 0.0)
+        cpu = dict.fromkeys(modes, 0.0)
+        steps = dict.fromkeys(modes, 0)
+        toks = dict.fromkeys(modes, 0)
         identical = True
         for i, ids in enumerate(prompts):
-            order = ["plain", "fixed", "adaptive"]
-            order = order[i % 3:] + order[:i % 3]
+            shift = i % len(modes)
+            order = modes[shift:] + modes[:shift]
             out = {}
             for mode in order:
                 c0 = time.process_time()
@@ -98,6 +116,8 @@ def main(argv=None) -> dict:
                     r = ver.generate(ids, None, max_new_tokens=N)
                 elif mode == "fixed":
                     r = ver.generate(ids, prop, max_new_tokens=N)
+                elif mode == "no_draft":
+                    r = ver.generate(ids, prop, max_new_tokens=N, policy=never)
                 else:
                     r = ver.generate(ids, prop, max_new_tokens=N, policy=policy)
                 cpu[mode] += time.process_time() - c0
@@ -105,7 +125,7 @@ def main(argv=None) -> dict:
                 wall[mode] += r.wall_time
                 steps[mode] += r.steps
                 toks[mode] += len(r.tokens)
-            identical &= out["fixed"].tokens == out["plain"].tokens == out["adaptive"].tokens
+            identical &= all(out[m].tokens == out["plain"].tokens for m in modes)
         results[name] = {
             "speedup_fixed": cpu["plain"] / cpu["fixed"], "speedup_adaptive": cpu["plain"] / cpu["adaptive"],
             "speedup_fixed_wall": wall["plain"] / wall["fixed"],
@@ -114,6 +134,9 @@ def main(argv=None) -> dict:
             "plain_tokens_per_s": toks["plain"] / wall["plain"], "wall_s": wall, "identical_to_greedy": identical,
             "policy": policy.summary(),
         }
+        if args.no_draft:
+            results[name]["speedup_no_draft"] = cpu["plain"] / cpu["no_draft"]
+            results[name]["speedup_no_draft_wall"] = wall["plain"] / wall["no_draft"]
         print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
     res = {
         "benchmark": "adaptive_policy", "command": "python " + shlex.join(["benchmarks/adaptive_policy.py", *sys.argv[1:]]),

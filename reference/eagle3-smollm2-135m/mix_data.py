@@ -5,7 +5,10 @@ conversations that were not regenerated, as one JSONL source (OpenAI `messages` 
         --skip 3000 --take 700 --out data/mixed/reference-v1.jsonl
 
 --skip: embedded ShareGPT conversations to pass over first (`data regenerate --limit` took them);
---take: how many of the following ones to add with their original (human-written) answers.
+--take: how many of the following ones to add with their original (human-written) answers;
+--regen-skip: regenerated records to leave out first (held-out text, e.g. the 24 validation records
+  of benchmarks/ablate.py); --regen-repeat: how many times each kept regenerated record is written
+  (copies share their id, so they fall in the same train/val split).
 Malformed records of either input are skipped and counted (the usual data-source rules).
 """
 
@@ -23,6 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("regenerated", help="output of `specdistill data regenerate`")
     ap.add_argument("--skip", type=int, default=3000)
     ap.add_argument("--take", type=int, default=700)
+    ap.add_argument("--regen-skip", type=int, default=0)
+    ap.add_argument("--regen-repeat", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -35,9 +40,12 @@ def main(argv=None) -> int:
     regen_counter, orig_counter = SkipCounter(), SkipCounter()
     with open(tmp, "w", encoding="utf-8") as f:
         seen = set()
-        for conv in iter_conversations(args.regenerated, regen_counter):
-            seen.add(conv.id)
-            f.write(json.dumps({"id": f"regen-{conv.id}", "messages": conv.messages}, ensure_ascii=False) + "\n")
+        for j, conv in enumerate(iter_conversations(args.regenerated, regen_counter)):
+            seen.add(conv.id)  # held-out records are not added with their original answers either
+            if j < args.regen_skip:
+                continue
+            line = json.dumps({"id": f"regen-{conv.id}", "messages": conv.messages}, ensure_ascii=False) + "\n"
+            f.write(line * max(args.regen_repeat, 1))
             counts["regenerated"] += 1
         for i, conv in enumerate(iter_conversations("default", orig_counter)):
             if i < args.skip or conv.id in seen:
