@@ -73,6 +73,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--num-draft-tokens", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-draft", action="store_true", help="also time the speculative loop with a never-drafting policy")
+    ap.add_argument("--cpu-kernels", choices=("auto", "off"), default="auto",
+                    help="target.cpu_kernels: the small-batch CPU kernel for the target's linears (auto) or BLAS")
+    ap.add_argument("--plain-blas", action="store_true",
+                    help="also time plain decoding with torch's BLAS (kernel off): speedup_*_vs_blas")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -85,7 +89,11 @@ def main(argv=None) -> dict:
 
     t_start = time.time()
     with stdout_to_stderr():
-        target = targets.load("default")
+        from specdistill import cpu_kernels
+        from specdistill.config import TargetConfig
+
+        target = targets.load(TargetConfig(name="default", cpu_kernels=args.cpu_kernels))
+        n_kernel = cpu_kernels.enabled_count(target.model)
         qs = load_questions(None, args.per_category).questions
         prompts = [encode_chat(target.tokenizer, [{"role": "user", "content": q.turns[0]}]) for q in qs]
         ver = Verifier(target)
@@ -99,13 +107,15 @@ def main(argv=None) -> dict:
     for name, prop in proposers.items():
         policy = AdaptivePolicy(cost, max_tokens=args.num_draft_tokens)
         ver.generate(prompts[0], prop, max_new_tokens=8)
-        modes = ["plain", "fixed", "adaptive"] + (["no_draft"] if args.no_draft else [])
+        modes = (["plain", "fixed", "adaptive"] + (["no_draft"] if args.no_draft else [])
+                 + (["plain_blas"] if args.plain_blas and n_kernel else []))
         never = never_policy(cost, args.num_draft_tokens)
         wall = dict.fromkeys(modes, 0.0)
         cpu = dict.fromkeys(modes, 0.0)
         steps = dict.fromkeys(modes, 0)
         toks = dict.fromkeys(modes, 0)
         identical = True
+        blas_identical = 0
         for i, ids in enumerate(prompts):
             shift = i % len(modes)
             order = modes[shift:] + modes[:shift]
@@ -116,6 +126,12 @@ def main(argv=None) -> dict:
                     r = ver.generate(ids, None, max_new_tokens=N)
                 elif mode == "fixed":
                     r = ver.generate(ids, prop, max_new_tokens=N)
+                elif mode == "plain_blas":
+                    cpu_kernels.disable(target.model)
+                    try:
+                        r = ver.generate(ids, None, max_new_tokens=N)
+                    finally:
+                        cpu_kernels.enable(target.model)
                 elif mode == "no_draft":
                     r = ver.generate(ids, prop, max_new_tokens=N, policy=never)
                 else:
@@ -125,7 +141,9 @@ def main(argv=None) -> dict:
                 wall[mode] += r.wall_time
                 steps[mode] += r.steps
                 toks[mode] += len(r.tokens)
-            identical &= all(out[m].tokens == out["plain"].tokens for m in modes)
+            identical &= all(out[m].tokens == out["plain"].tokens for m in modes if m != "plain_blas")
+            if "plain_blas" in out:
+                blas_identical += out["plain_blas"].tokens == out["plain"].tokens
         results[name] = {
             "speedup_fixed": cpu["plain"] / cpu["fixed"], "speedup_adaptive": cpu["plain"] / cpu["adaptive"],
             "speedup_fixed_wall": wall["plain"] / wall["fixed"],
@@ -134,6 +152,10 @@ def main(argv=None) -> dict:
             "plain_tokens_per_s": toks["plain"] / wall["plain"], "wall_s": wall, "identical_to_greedy": identical,
             "policy": policy.summary(),
         }
+        if "plain_blas" in modes:  # the same runs against plain decoding without the kernel
+            for m in ("plain", "fixed", "adaptive"):
+                results[name][f"speedup_{m}_vs_blas"] = cpu["plain_blas"] / cpu[m]
+            results[name]["plain_blas_identical_to_plain"] = f"{blas_identical}/{len(prompts)}"
         if args.no_draft:
             results[name]["speedup_no_draft"] = cpu["plain"] / cpu["no_draft"]
             results[name]["speedup_no_draft_wall"] = wall["plain"] / wall["no_draft"]
@@ -142,7 +164,8 @@ def main(argv=None) -> dict:
         "benchmark": "adaptive_policy", "command": "python " + shlex.join(["benchmarks/adaptive_policy.py", *sys.argv[1:]]),
         "target": target.name, "prompts": len(prompts), "max_new_tokens": N,
         "num_draft_tokens": args.num_draft_tokens, "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(), "verify_cost_s": cost.seconds[1:], "verify_cost_measure_s": cost_s,
+        "machine": platform.machine(), "cpu_kernels": args.cpu_kernels, "linears_on_kernel": n_kernel,
+        "verify_cost_s": cost.seconds[1:], "verify_cost_measure_s": cost_s,
         "drafters": results,
         "goal_min_speedup_adaptive": 0.97,
         "goal_met": all(r["speedup_adaptive"] >= 0.97 for r in results.values()),

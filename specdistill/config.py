@@ -44,6 +44,10 @@ class TargetConfig:
     """Hub revision (branch, tag or commit) when `name` is a hub id."""
     device_map: str = ""
     """Shard the frozen target over this process's devices (e.g. auto, balanced); empty = whole on one device."""
+    cpu_kernels: str = "auto"
+    """auto: on an fp32 CPU target with AVX2/FMA, linears over few rows (decoding, verification) use
+    specdistill's kernel (cpu_kernels.py: a pass over 5 tokens then costs ~1.2x a plain step, not ~1.9x);
+    off: always torch's BLAS."""
 
 
 @dataclass

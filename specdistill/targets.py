@@ -343,6 +343,14 @@ def load(cfg: TargetConfig | str | None = None, device: str | torch.device | Non
         tok.pad_token = tok.eos_token
     if device is not None and not cfg.device_map:
         model = model.to(device)
+    if cfg.cpu_kernels not in ("auto", "off"):
+        raise ValueError(f"target.cpu_kernels ({cfg.cpu_kernels!r}) must be auto or off")
+    if cfg.cpu_kernels == "auto" and not cfg.device_map:
+        from specdistill import cpu_kernels
+
+        n = cpu_kernels.enable(model)
+        if n:
+            log.info("target: %d linears use the small-batch CPU kernel (target.cpu_kernels=off to disable)", n)
     name = DEFAULT_NAME if cfg.name == "default" else cfg.name
     lic = DEFAULT_LICENSE if cfg.name == "default" else ""
     return TargetModel(model, tok, name=name, license=lic)

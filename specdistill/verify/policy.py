@@ -58,7 +58,14 @@ def cost_key(target) -> dict:
     return {"version": CACHE_VERSION, "target": str(target.name), "model_type": getattr(cfg, "model_type", ""),
             "hidden": getattr(cfg, "hidden_size", 0), "layers": getattr(cfg, "num_hidden_layers", 0),
             "vocab": target.vocab_size, "dtype": str(next(target.model.parameters()).dtype), "device": str(dev),
-            "gpu": gpu, "threads": torch.get_num_threads(), "cpu": _cpu_name(), "torch": torch.__version__}
+            "gpu": gpu, "threads": torch.get_num_threads(), "cpu": _cpu_name(), "torch": torch.__version__,
+            "cpu_kernels": _kernel_count(target.model)}
+
+
+def _kernel_count(model) -> int:
+    from specdistill import cpu_kernels
+
+    return cpu_kernels.enabled_count(model)
 
 
 def default_cache_dir() -> Path:
