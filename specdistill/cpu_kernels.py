@@ -80,7 +80,7 @@ def load_extension():
             try:
                 from torch.utils.cpp_extension import load
 
-                log.info("building the small-batch CPU linear kernel once (10-20 s): %s", SOURCE.name)
+                log.info("loading the small-batch CPU linear kernel (built once, 10-20 s): %s", SOURCE.name)
                 load(name=EXT_NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma"],
                      is_python_module=False, verbose=False)  # registers torch.ops.specdistill.small_linear
                 _ext = torch.ops.specdistill
@@ -100,8 +100,9 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return ext.small_linear(x, weight, bias)
 
 
-def eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int) -> bool:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+def eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int,
+             weight_dtype: torch.dtype = torch.float32) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != weight_dtype:
         return False
     if weight.dim() != 2 or not weight.is_contiguous() or weight.device.type != "cpu" or x.dim() < 1:
         return False
@@ -127,6 +128,33 @@ class SmallBatchLinear(torch.nn.Linear):
         if _ext is not None and eligible(x, self.weight, self.bias, self.max_rows):
             return _ext.small_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+class Bf16WeightLinear(torch.nn.Linear):
+    """A drafting-copy linear: bf16 weight, fp32 input/output/bias. Few rows go to the kernel (which widens
+    the weight exactly in registers: half the memory traffic of fp32, fp32 arithmetic); anything else is
+    F.linear on the widened weight. For drafters only: a target's weights are never rounded."""
+
+    max_rows: int = DEFAULT_MAX_ROWS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _ext is not None and eligible(x, self.weight, self.bias, self.max_rows, torch.bfloat16):
+            return _ext.small_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def bf16_weights(model: torch.nn.Module, max_rows: int = DEFAULT_MAX_ROWS) -> int:
+    """Turn a frozen fp32 CPU *drafter*'s plain nn.Linear layers into Bf16WeightLinear (weights rounded to
+    bf16, in place); returns how many. 0 (model untouched) when the kernel is unavailable here."""
+    todo = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
+            and m.weight.dtype == torch.float32 and m.in_features % 8 == 0]
+    if not todo or load_extension() is None:
+        return 0
+    for m in todo:
+        m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16).contiguous(), requires_grad=False)
+        m.__class__ = Bf16WeightLinear
+        m.max_rows = int(max_rows)
+    return len(todo)
 
 
 def enable(model: torch.nn.Module, max_rows: int = DEFAULT_MAX_ROWS) -> int:

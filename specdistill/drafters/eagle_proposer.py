@@ -124,7 +124,15 @@ class EagleProposer(Proposer):
         self._cos, self._sin = cos[0], sin[0]  # (cap, d), exactly what the rotary module gives per position
 
     def _param(self):
-        return next(self.drafter.parameters())
+        """A parameter in the drafting dtype (the KV buffers', RoPE's and activations' dtype); the bf16
+        weights of cpu_kernels.Bf16WeightLinear layers are storage only, so they are skipped."""
+        p = getattr(self, "_dtype_param", None)
+        if p is None:
+            from specdistill import cpu_kernels
+
+            skip = {id(m.weight) for m in self.drafter.modules() if isinstance(m, cpu_kernels.Bf16WeightLinear)}
+            p = self._dtype_param = next(q for q in self.drafter.parameters() if id(q) not in skip)
+        return p
 
     def _run(self, hidden, emb, positions, mask, causal=False):
         """All draft layers on the n new positions `hidden` (1, n, H) at `positions` (n,); their keys and
@@ -147,7 +155,7 @@ class EagleProposer(Proposer):
             else:
                 x = hidden
             nh, nkv, hd = L["heads"], L["kv_heads"], L["head_dim"]
-            qkv = F.linear(x, L["wqkv"])
+            qkv = _linear(x, L["wqkv"])
             q = qkv[..., :nh * hd].view(1, n, nh, hd).transpose(1, 2)
             k = qkv[..., nh * hd:(nh + nkv) * hd].view(1, n, nkv, hd).transpose(1, 2)
             v = qkv[..., (nh + nkv) * hd:].view(1, n, nkv, hd).transpose(1, 2)
@@ -157,10 +165,10 @@ class EagleProposer(Proposer):
             vb[:, :, p0:p0 + n] = v
             a = F.scaled_dot_product_attention(q, kb[:, :, :p0 + n], vb[:, :, :p0 + n], attn_mask=mask,
                                                is_causal=causal and mask is None, enable_gqa=nh != nkv)
-            hidden = residual + F.linear(a.transpose(1, 2).reshape(1, n, -1), L["wo"])
-            gu = F.linear(rms_norm(hidden, L["post_norm"], eps), L["wgu"])
+            hidden = residual + _linear(a.transpose(1, 2).reshape(1, n, -1), L["wo"])
+            gu = _linear(rms_norm(hidden, L["post_norm"], eps), L["wgu"])
             m = L["inter"]
-            hidden = hidden + F.linear(L["act"](gu[..., :m]) * gu[..., m:], L["wd"])
+            hidden = hidden + _linear(L["act"](gu[..., :m]) * gu[..., m:], L["wd"])
         self.n = p0 + n
         return hidden
 
@@ -324,6 +332,18 @@ class EagleProposer(Proposer):
         return DraftTree(tokens, parents)
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear, except for bf16 weights of a bf16_weights drafting copy: the kernel (fp32 math) when it
+    applies, else the weight widened to x's dtype."""
+    if w.dtype == x.dtype:
+        return F.linear(x, w)
+    from specdistill import cpu_kernels
+
+    if cpu_kernels.eligible(x, w, None, cpu_kernels.DEFAULT_MAX_ROWS, torch.bfloat16):
+        return cpu_kernels.small_linear(x, w)
+    return F.linear(x, w.to(x.dtype))
+
+
 def _drafting_copy(drafter: EagleDrafter, dtype: str) -> EagleDrafter:
     """The module the proposer runs: the drafter itself, or a frozen bf16 copy.
 
@@ -331,15 +351,29 @@ def _drafting_copy(drafter: EagleDrafter, dtype: str) -> EagleDrafter:
     the bytes, and CPUs with AVX512-BF16 run the (1, H) x (H, Vd) product ~2.5x faster than fp32
     (measured here). "auto" picks bf16 on such CPUs. A copy does not follow later training steps.
     """
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"EagleProposer dtype ({dtype!r}) must be auto, float32 or bfloat16")
+    if dtype not in ("auto", "float32", "bfloat16", "bf16_weights"):
+        raise ValueError(f"EagleProposer dtype ({dtype!r}) must be auto, float32, bfloat16 or bf16_weights")
     w = next(drafter.parameters())
+    import copy
+
+    if dtype in ("auto", "bf16_weights") and w.device.type == "cpu" and w.dtype == torch.float32:
+        bf16_ok = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+        if dtype == "bf16_weights" or not bf16_ok:
+            # No native bf16 math (e.g. AVX2-only): keep fp32 math but store the linears' weights as bf16
+            # for cpu_kernels' kernel, which widens them in registers: half the bytes a draft step reads.
+            from specdistill import cpu_kernels
+
+            if cpu_kernels.unavailable_reason() is None and cpu_kernels.load_extension() is not None:
+                cp = copy.deepcopy(drafter).eval().requires_grad_(False)
+                if cpu_kernels.bf16_weights(cp):
+                    return cp
+            dtype = "float32"
     if dtype == "auto":
         bf16_ok = w.device.type == "cpu" and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
         dtype = "bfloat16" if bf16_ok or w.dtype == torch.bfloat16 else "float32"
+    if dtype == "bf16_weights":
+        dtype = "float32"  # not a CPU fp32 drafter, or no kernel here: plain fp32
     want = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     if w.dtype == want:
         return drafter
-    import copy
-
     return copy.deepcopy(drafter).to(want).eval().requires_grad_(False)

@@ -646,3 +646,33 @@ def test_per_step_loss_norm_divides_each_step_by_its_own_tokens(target, batch):
     assert ob.loss > oa.loss
     with pytest.raises(ConfigError, match="step_loss_norm"):
         EagleConfig(step_loss_norm="mean")
+
+
+@pytest.mark.parametrize("variant", ["eagle1", "eagle3"])
+def test_bf16_weights_drafting_copy_matches_fp32_math(target, batch, variant):
+    """dtype=bf16_weights (auto on CPUs without native bf16): the copy's linears hold bf16 weights for the
+    cpu_kernels kernel, the math stays fp32, so drafts equal an fp32 run on the same (bf16-rounded) values,
+    and the drafter itself is left untouched."""
+    from specdistill import cpu_kernels
+
+    if cpu_kernels.unavailable_reason() is not None:
+        pytest.skip(cpu_kernels.unavailable_reason())
+    kw = dict(variant=variant, draft_vocab_size=64) if variant == "eagle3" else dict(variant=variant)
+    d = _build(target, batch, **kw).eval()
+    with torch.no_grad():
+        for m in d.modules():
+            if type(m) is torch.nn.Linear:
+                m.weight.copy_(m.weight.to(torch.bfloat16).float())
+                m.weight.mul_(4.0)  # sharper drafts: ties in a random drafter's argmax would be noise
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    ids = batch["input_ids"][0]
+    hs = {i: h[0, :11] for i, h in _target_out(target, d, batch).hidden_states.items()}
+    for mode in ("chain", "tree"):
+        fp = d.proposer(target, mode=mode, k=5, topk=3, budget=10, depth=4, dtype="float32")
+        bw = d.proposer(target, mode=mode, k=5, topk=3, budget=10, depth=4, dtype="bf16_weights")
+        assert any(isinstance(m, cpu_kernels.Bf16WeightLinear) for m in bw.drafter.modules())
+        assert bw.drafter is not d and bw._param().dtype == torch.float32
+        a = fp.propose(ProposerState(ids[:12], hs))
+        b = bw.propose(ProposerState(ids[:12], hs))
+        assert a.tokens.tolist() == b.tokens.tolist() and a.parents.tolist() == b.parents.tolist(), mode
+    assert all(torch.equal(v, before[k]) for k, v in d.state_dict().items())
