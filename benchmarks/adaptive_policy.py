@@ -31,12 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_proposers(target, names: list[str], k: int) -> dict:
+def build_proposers(target, names: list[str], k: int, confidence: float = 0.0) -> dict:
     from specdistill.drafters.eagle import EagleDrafter
     from specdistill.loading import load_drafter, load_proposer
     from specdistill.verify.proposer import ProposerOptions
 
-    opts = ProposerOptions(num_draft_tokens=k)
+    opts = ProposerOptions(num_draft_tokens=k, confidence_threshold=confidence)
     ref_dir = ROOT / "reference" / "eagle3-smollm2-135m"
     out = {}
     for name in names:
@@ -72,6 +72,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--num-draft-tokens", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--draft-confidence", type=float, default=0.0,
+                    help="drafts stop at the first token below this probability (as eval --draft-confidence)")
     ap.add_argument("--no-draft", action="store_true", help="also time the speculative loop with a never-drafting policy")
     ap.add_argument("--cpu-kernels", choices=("auto", "off"), default="auto",
                     help="target.cpu_kernels: the small-batch CPU kernel for the target's linears (auto) or BLAS")
@@ -100,7 +102,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         cost = VerifyCost.load_or_measure(target, max(8, args.num_draft_tokens))
         cost_s = time.perf_counter() - t0
-        proposers = build_proposers(target, args.drafters.split(","), args.num_draft_tokens)
+        proposers = build_proposers(target, args.drafters.split(","), args.num_draft_tokens, args.draft_confidence)
     N = args.max_new_tokens
     ver.generate(prompts[0], None, max_new_tokens=8)  # warm-up
     results = {}
@@ -163,7 +165,7 @@ def main(argv=None) -> dict:
     res = {
         "benchmark": "adaptive_policy", "command": "python " + shlex.join(["benchmarks/adaptive_policy.py", *sys.argv[1:]]),
         "target": target.name, "prompts": len(prompts), "max_new_tokens": N,
-        "num_draft_tokens": args.num_draft_tokens, "torch_threads": torch.get_num_threads(),
+        "num_draft_tokens": args.num_draft_tokens, "draft_confidence": args.draft_confidence, "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(), "cpu_kernels": args.cpu_kernels, "linears_on_kernel": n_kernel,
         "verify_cost_s": cost.seconds[1:], "verify_cost_measure_s": cost_s,
         "drafters": results,

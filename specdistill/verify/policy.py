@@ -15,10 +15,14 @@ and DSpark:
   tracked. t_verify(0) is a plain step.
 - t_draft(k): the proposer's cost, fitted online as a + b*k on the drafts of this request.
 - alpha_i: the drafter's conditional acceptance at draft position i, counted from the accepted lengths
-  so far with exponential decay (Beta(1, 1) prior); a new request starts from the previous requests'
-  estimate with its weight capped, so it is re-estimated per request.
+  so far with exponential decay (0.95 per observation; Beta(1, 1) prior); a new request starts from the
+  previous requests' estimate with its weight capped, so it is re-estimated per request.
+- While plain passes win, the counts also age by `idle_decay` per pass (the bound widens again).
+- t_draft is fitted on steady drafts only: a draft right after plain passes also commits their positions.
 
-The policy picks argmax rate(k); drafting must beat the plain rate by `margin`. While plain wins it
+The policy picks argmax rate(k) with each alpha_i raised by `optimism` posterior standard deviations
+(optimism under uncertainty, as in UCB bandits: a drafter near break-even is tried until its estimate is
+sure); drafting must beat the plain rate by `margin`. While plain wins it
 probes a 1-token draft now and then (the gap doubles after each probe that does not pay, up to
 `max_gap`) so a drafter that starts agreeing is noticed. It is lossless by construction: it only sets
 the draft length from what happened in earlier passes; which tokens are accepted stays the verifier's
@@ -153,14 +157,18 @@ class AdaptivePolicy:
     `start()` per request, `choose(limit)` before each pass and `observe(...)` after it.
     """
 
-    def __init__(self, cost: VerifyCost, max_tokens: int = 5, margin: float = 0.03, decay: float = 0.9,
-                 carry_weight: float = 8.0, min_gap: int = 4, max_gap: int = 64):
+    def __init__(self, cost: VerifyCost, max_tokens: int = 5, margin: float = 0.03, decay: float = 0.95,
+                 carry_weight: float = 8.0, min_gap: int = 4, max_gap: int = 64, optimism: float = 1.0,
+                 idle_decay: float = 0.998):
         if max_tokens < 1:
             raise ValueError(f"AdaptivePolicy: max_tokens must be >= 1, got {max_tokens}")
-        if not 0 < decay <= 1 or margin < 0 or min_gap < 1 or max_gap < min_gap:
+        if (not 0 < decay <= 1 or not 0 < idle_decay <= 1 or margin < 0 or min_gap < 1 or max_gap < min_gap
+                or optimism < 0):
             raise ValueError(f"AdaptivePolicy: bad settings decay={decay} margin={margin} gap={min_gap}..{max_gap}")
         self.cost, self.max_tokens, self.margin, self.decay = cost, max_tokens, margin, decay
         self.carry_weight, self.min_gap, self.max_gap = carry_weight, min_gap, max_gap
+        self.optimism, self.idle_decay = optimism, idle_decay
+        self._catch_up = True  # the next draft also commits the positions of a prompt / of plain passes
         K = max_tokens
         self.acc = [0.0] * (K + 1)  # decayed accepted / offered counts per draft position (index 1..K)
         self.off = [0.0] * (K + 1)
@@ -181,6 +189,7 @@ class AdaptivePolicy:
                 self.acc[i] *= f
         self._draft_obs = self._draft_obs[-4:]
         self.since_draft = 0
+        self._catch_up = True
 
     # -- the model -------------------------------------------------------------------------
     def alpha(self) -> list[float]:
@@ -194,9 +203,20 @@ class AdaptivePolicy:
             prior = a
         return out
 
-    def expected_tokens(self, k: int) -> float:
+    def alpha_optimistic(self) -> list[float]:
+        """alpha_i plus `optimism` posterior standard deviations (capped at 1): what the decisions use.
+        A drafter near break-even keeps being tried until its estimate is certain, instead of being shut
+        out by a few unlucky probes whose rejections then double the probe gap; a clearly bad drafter's
+        bound stays low (an untrained one at alpha ~0.02 has a bound of ~0.05)."""
+        out = []
+        for i, a in enumerate(self.alpha(), start=1):
+            n = self.off[i] + 3.0  # Beta posterior with the weight-2 prior
+            out.append(min(1.0, a + self.optimism * (a * (1.0 - a) / n) ** 0.5))
+        return out
+
+    def expected_tokens(self, k: int, optimistic: bool = False) -> float:
         e, p = 1.0, 1.0
-        for a in self.alpha()[:k]:
+        for a in (self.alpha_optimistic() if optimistic else self.alpha())[:k]:
             p *= a
             e += p
         return e
@@ -223,9 +243,9 @@ class AdaptivePolicy:
         n = 1 + (self.nodes[k] if k <= self.max_tokens else k)
         return self.scale * self.cost(int(round(n)))
 
-    def rate(self, k: int) -> float:
+    def rate(self, k: int, optimistic: bool = False) -> float:
         """Expected new tokens per second with draft length k (0 = plain step)."""
-        return self.expected_tokens(k) / (self.draft_seconds(k) + self.verify_seconds(k))
+        return self.expected_tokens(k, optimistic) / (self.draft_seconds(k) + self.verify_seconds(k))
 
     def choose(self, limit: int | None = None) -> int:
         """Draft length for the next pass, at most `limit` (the token budget left minus the bonus)."""
@@ -235,10 +255,15 @@ class AdaptivePolicy:
         plain = self.rate(0)
         best, best_rate = 0, plain * (1.0 + self.margin)
         for k in range(1, K + 1):
-            r = self.rate(k)
+            r = self.rate(k, optimistic=True)
             if r > best_rate:
                 best, best_rate = k, r
         if best == 0:
+            # Evidence ages while nothing is drafted: the bound widens again, so a drafter shut out by
+            # a run of bad luck is retried, while a clearly bad one (tight, low estimate) stays out.
+            for i in range(1, self.max_tokens + 1):
+                self.off[i] *= self.idle_decay
+                self.acc[i] *= self.idle_decay
             self.since_draft += 1
             if self.since_draft >= self.gap:  # probe: one cheap draft token, to keep alpha_1 current
                 self.gap = min(self.gap * 2, self.max_gap)
@@ -246,6 +271,8 @@ class AdaptivePolicy:
         else:
             self.gap = self.min_gap
         if best:
+            self._catch_up_pass = self._catch_up or self.since_draft > 0
+            self._catch_up = False
             self.since_draft = 0
         self.choices.append(best)
         return best
@@ -259,8 +286,13 @@ class AdaptivePolicy:
             self.acc[i] = self.acc[i] * d + (1.0 if i <= accepted else 0.0)
         if 0 < k <= self.max_tokens:
             self.nodes[k] = 0.7 * self.nodes[k] + 0.3 * nodes
-            self._draft_obs.append((float(k), draft_s))
-            self._draft_obs = self._draft_obs[-16:]
+            # A draft right after plain passes (or a prompt) also commits their positions; that one-off
+            # catch-up would make steady drafting look dearer than it is, so it is not fitted (unless
+            # nothing else has been seen yet).
+            if not getattr(self, "_catch_up_pass", False) or not self._draft_obs:
+                self._draft_obs.append((float(k), draft_s))
+                self._draft_obs = self._draft_obs[-16:]
+            self._catch_up_pass = False
         pred = self.cost(1 + nodes)
         if pred > 0 and verify_s > 0:
             self.scale = 0.8 * self.scale + 0.2 * (verify_s / pred)
@@ -270,4 +302,6 @@ class AdaptivePolicy:
         return {"passes": n, "plain_passes": sum(c == 0 for c in self.choices),
                 "mean_draft_length": sum(self.choices) / n if n else 0.0,
                 "alpha_estimate": [round(a, 3) for a in self.alpha()],
+                "alpha_optimistic": [round(a, 3) for a in self.alpha_optimistic()],
+                "draft_s_per_token": round(self.draft_seconds(1), 5),
                 "verify_cost_s": [round(s, 5) for s in self.cost.seconds[1:]], "scale": round(self.scale, 3)}
