@@ -42,6 +42,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--draft-confidence", type=float, default=0.4, help="HF assisted default: 0.4")
     ap.add_argument("--pairs", default="plain,pld,draft")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--hf-blas", action="store_true",
+                    help="run HF's side with torch's BLAS (cpu_kernels off), as HF users run it; ours keeps the kernel")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,8 +61,23 @@ def main(argv=None) -> dict:
     passes = [0]
     model.register_forward_hook(lambda *a: passes.__setitem__(0, passes[0] + 1))
 
+    from specdistill import cpu_kernels
+
+    kernel_linears = cpu_kernels.enabled_count(model)
+
     def hf(ids, **kw):
         x = torch.tensor([ids])
+        if args.hf_blas:
+            cpu_kernels.disable(model)
+            cpu_kernels.disable(draft)
+        try:
+            return _hf(x, ids, **kw)
+        finally:
+            if args.hf_blas and kernel_linears:
+                cpu_kernels.enable(model)
+                cpu_kernels.enable(draft)
+
+    def _hf(x, ids, **kw):
         with torch.inference_mode():
             passes[0] = 0
             t = time.perf_counter()
@@ -110,7 +127,8 @@ def main(argv=None) -> dict:
                 "wall_s": round(a["wall"], 2), "new_tokens": a["tokens"], "identical_to_plain": a["identical"]}
 
     plain_wall = acc.get("plain_ours", {}).get("wall")
-    result = {"settings": {**vars(args), "questions": len(prompts), "torch_threads": torch.get_num_threads(),
+    result = {"settings": {**vars(args), "questions": len(prompts), "kernel_linears": kernel_linears,
+                           "torch_threads": torch.get_num_threads(),
                            "torch": torch.__version__, "machine": platform.machine()}, "pairs": {}}
     for name in pairs:
         o, h = acc[f"{name}_ours"], acc[f"{name}_hf"]

@@ -69,6 +69,21 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _ninja_on_path() -> None:
+    """torch's extension builder runs `ninja` from PATH; the `ninja` wheel's binary may sit in a venv's bin
+    that is not on it (e.g. when the venv's python is run by path)."""
+    import shutil
+
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except (ImportError, AttributeError):
+        pass  # the build then fails with torch's own message, logged by load_extension
+
+
 def load_extension():
     """The compiled extension, built on first use; None (with the reason logged once) when it cannot be."""
     global _ext, _why_not
@@ -79,6 +94,8 @@ def load_extension():
         if why is None:
             try:
                 from torch.utils.cpp_extension import load
+
+                _ninja_on_path()
 
                 log.info("loading the small-batch CPU linear kernel (built once, 10-20 s): %s", SOURCE.name)
                 load(name=EXT_NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma"],
