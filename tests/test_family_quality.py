@@ -60,8 +60,14 @@ def test_family_quality_smoke(tmp_path, capsys, bench):
         for mode in ("chain", "tree"):
             f = r[mode]
             assert f["identical_to_greedy"] is True, (name, mode)
-            assert f["tau"] >= 1.0 and f["speedup"] > 0 and len(f["alpha"]) >= 1
+            assert f["tau"] >= 1.0 and f["speedup"] > 0
             assert f["draft_cost_fraction_of_target_step"] > 0
+        # Training is bounded by wall time (0.03 min), so the step count follows the machine's speed; a
+        # barely trained CTC drafter may collapse to all blanks (an empty draft) on every pass, which is
+        # a correct outcome (seen in about half the runs on a 2-core AVX2 machine). The other families
+        # always propose something.
+        if name != "ctc":
+            assert all(len(r[mode]["alpha"]) >= 1 for mode in ("chain", "tree")), name
         if name in ("medusa1", "medusa2", "hydra"):
             assert r["heads_cost"]["measured_fraction"] > 0 and len(r["held_out_top1_per_head"]) == 4
     assert 0.0 <= res["medusa2"]["drift_next_token_agreement"]["after"] <= 1.0

@@ -165,3 +165,18 @@ def test_catch_up_draft_time_is_not_fitted():
     k = p.choose()
     p.observe(k, k, k, k, 5.0, 1.0)  # the catch-up draft: slow, ignored
     assert p.draft_seconds(1) == pytest.approx(steady)
+
+
+def test_costly_catch_up_is_charged_when_resuming():
+    """A separate draft model pays a prompt prefill when it resumes after plain passes; once that is seen,
+    the optimistic bound alone does not resume it (the gap probes still do)."""
+    p = AdaptivePolicy(KERNEL_CPU, max_tokens=2)
+    p.observe(1, 1, 0, 1, 0.05, 1.14)  # steady drafting cost: 0.05
+    for _ in range(3):
+        p._catch_up_pass = True  # as choose() marks a draft that follows plain passes
+        p.observe(1, 1, 0, 1, 2.05, 1.14)  # catch-ups cost 2.0 more
+    assert p.catch_up_seconds() > 1.5
+    p.acc[1], p.off[1] = 3.0, 10.0  # alpha ~0.33: pays when steady, not with a 2.0 catch-up
+    p.since_draft, p.gap = 1, 64
+    assert p.rate(1, optimistic=True) > p.rate(0) * 1.03 > p.rate(1, optimistic=True, catch_up=True)
+    assert p.choose() == 0

@@ -19,6 +19,9 @@ and DSpark:
   previous requests' estimate with its weight capped, so it is re-estimated per request.
 - While plain passes win, the counts also age by `idle_decay` per pass (the bound widens again).
 - t_draft is fitted on steady drafts only: a draft right after plain passes also commits their positions.
+  That extra (mean of recent catch-ups) is charged when deciding whether to resume drafting after plain
+  passes, so a drafter whose catch-up is a prompt prefill (a separate draft model) is not resumed on
+  optimism alone; the gap probes still run.
 
 The policy picks argmax rate(k) with each alpha_i raised by `optimism` posterior standard deviations
 (optimism under uncertainty, as in UCB bandits: a drafter near break-even is tried until its estimate is
@@ -174,7 +177,8 @@ class AdaptivePolicy:
         self.off = [0.0] * (K + 1)
         self.nodes = [float(k) for k in range(K + 1)]  # draft nodes sent when the depth is k (chains: k)
         self.scale = 1.0  # observed verify time / curve
-        self._draft_obs: list[tuple[float, float]] = []  # (k, seconds), recent drafts
+        self._draft_obs: list[tuple[float, float]] = []  # (k, seconds), recent steady drafts
+        self._catch_obs: list[float] = []  # extra seconds of recent catch-up drafts over a steady one
         self.gap = min_gap
         self.since_draft = 0
         self.choices: list[int] = []  # every decision, for reports
@@ -239,13 +243,21 @@ class AdaptivePolicy:
         a = max(mt - b * mk, 0.0)
         return a + b * k
 
+    def catch_up_seconds(self) -> float:
+        """What a draft right after plain passes costs on top of a steady one (committing the skipped
+        positions: cheap for EAGLE, a prefill of the prompt for a separate draft model); 0 before any."""
+        obs = self._catch_obs
+        return sum(obs) / len(obs) if obs else 0.0
+
     def verify_seconds(self, k: int) -> float:
         n = 1 + (self.nodes[k] if k <= self.max_tokens else k)
         return self.scale * self.cost(int(round(n)))
 
-    def rate(self, k: int, optimistic: bool = False) -> float:
-        """Expected new tokens per second with draft length k (0 = plain step)."""
-        return self.expected_tokens(k, optimistic) / (self.draft_seconds(k) + self.verify_seconds(k))
+    def rate(self, k: int, optimistic: bool = False, catch_up: bool = False) -> float:
+        """Expected new tokens per second with draft length k (0 = plain step); `catch_up` adds the cost of
+        a first draft after plain passes."""
+        extra = self.catch_up_seconds() if catch_up and k else 0.0
+        return self.expected_tokens(k, optimistic) / (self.draft_seconds(k) + extra + self.verify_seconds(k))
 
     def choose(self, limit: int | None = None) -> int:
         """Draft length for the next pass, at most `limit` (the token budget left minus the bonus)."""
@@ -254,8 +266,9 @@ class AdaptivePolicy:
             return 0
         plain = self.rate(0)
         best, best_rate = 0, plain * (1.0 + self.margin)
+        resume = self._catch_up or self.since_draft > 0
         for k in range(1, K + 1):
-            r = self.rate(k, optimistic=True)
+            r = self.rate(k, optimistic=True, catch_up=resume)
             if r > best_rate:
                 best, best_rate = k, r
         if best == 0:
@@ -292,6 +305,9 @@ class AdaptivePolicy:
             if not getattr(self, "_catch_up_pass", False) or not self._draft_obs:
                 self._draft_obs.append((float(k), draft_s))
                 self._draft_obs = self._draft_obs[-16:]
+            else:
+                self._catch_obs.append(max(0.0, draft_s - self.draft_seconds(k)))
+                self._catch_obs = self._catch_obs[-8:]
             self._catch_up_pass = False
         pred = self.cost(1 + nodes)
         if pred > 0 and verify_s > 0:
@@ -304,4 +320,5 @@ class AdaptivePolicy:
                 "alpha_estimate": [round(a, 3) for a in self.alpha()],
                 "alpha_optimistic": [round(a, 3) for a in self.alpha_optimistic()],
                 "draft_s_per_token": round(self.draft_seconds(1), 5),
+                "catch_up_s": round(self.catch_up_seconds(), 5),
                 "verify_cost_s": [round(s, 5) for s in self.cost.seconds[1:]], "scale": round(self.scale, 3)}
