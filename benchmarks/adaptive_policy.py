@@ -13,7 +13,9 @@ time (`speedup_*`: one thread, so time spent preempted by other jobs on a shared
 and by wall time (`speedup_*_wall`). Every output is checked against the plain greedy one.
 `--no-draft` adds a fourth run per prompt: the speculative loop with a policy that never drafts, so
 plain / no-draft (`speedup_no_draft`) is the loop's own price on plain passes (feature capture, the
-policy's bookkeeping) with no draft cost at all.
+policy's bookkeeping) with no draft cost at all. `--plain-blas` adds plain decoding with the small-batch
+CPU kernel turned off (cpu_kernels.py), so `speedup_*_vs_blas` compares against the target as torch's
+BLAS runs it; `--cpu-kernels off` runs everything on BLAS.
 """
 
 from __future__ import annotations
