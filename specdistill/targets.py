@@ -331,6 +331,8 @@ def load(cfg: TargetConfig | str | None = None, device: str | torch.device | Non
         cfg = TargetConfig(name=cfg or "default")
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"target.dtype ({cfg.dtype!r}) must be one of {sorted(_DTYPES)}")
+    if cfg.cpu_kernels not in ("auto", "off"):
+        raise ValueError(f"target.cpu_kernels ({cfg.cpu_kernels!r}) must be auto or off")
     path, kwargs = resolve(cfg)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
     if cfg.device_map:
@@ -343,8 +345,6 @@ def load(cfg: TargetConfig | str | None = None, device: str | torch.device | Non
         tok.pad_token = tok.eos_token
     if device is not None and not cfg.device_map:
         model = model.to(device)
-    if cfg.cpu_kernels not in ("auto", "off"):
-        raise ValueError(f"target.cpu_kernels ({cfg.cpu_kernels!r}) must be auto or off")
     if cfg.cpu_kernels == "auto" and not cfg.device_map:
         from specdistill import cpu_kernels
 
