@@ -147,24 +147,36 @@ class SmallBatchLinear(torch.nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def bf16_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       max_rows: int = DEFAULT_MAX_ROWS) -> torch.Tensor:
+    """x @ weight.T + bias for a bf16 `weight` (a drafting copy's): the kernel, which widens the weight
+    exactly in registers (half the memory traffic of fp32, fp32 arithmetic), when the call is eligible;
+    otherwise F.linear on the weight (and bias) widened to x's dtype."""
+    if _ext is not None and eligible(x, weight, bias, max_rows, torch.bfloat16):
+        return _ext.small_linear(x, weight, bias)
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
 class Bf16WeightLinear(torch.nn.Linear):
-    """A drafting-copy linear: bf16 weight, fp32 input/output/bias. Few rows go to the kernel (which widens
-    the weight exactly in registers: half the memory traffic of fp32, fp32 arithmetic); anything else is
-    F.linear on the widened weight. For drafters only: a target's weights are never rounded."""
+    """A drafting-copy linear: bf16 weight, fp32 input/output/bias, computed by `bf16_weight_linear`.
+    For drafters only: a target's weights are never rounded."""
 
     max_rows: int = DEFAULT_MAX_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _ext is not None and eligible(x, self.weight, self.bias, self.max_rows, torch.bfloat16):
-            return _ext.small_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return bf16_weight_linear(x, self.weight, self.bias, self.max_rows)
+
+
+def _plain_cpu_fp32_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The model's exact-type nn.Linear layers the kernel can take (CPU, fp32 weight, inner size % 8 == 0)."""
+    return [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
+            and m.weight.dtype == torch.float32 and m.in_features % 8 == 0]
 
 
 def bf16_weights(model: torch.nn.Module, max_rows: int = DEFAULT_MAX_ROWS) -> int:
     """Turn a frozen fp32 CPU *drafter*'s plain nn.Linear layers into Bf16WeightLinear (weights rounded to
     bf16, in place); returns how many. 0 (model untouched) when the kernel is unavailable here."""
-    todo = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
-            and m.weight.dtype == torch.float32 and m.in_features % 8 == 0]
+    todo = _plain_cpu_fp32_linears(model)
     if not todo or load_extension() is None:
         return 0
     for m in todo:
@@ -177,8 +189,7 @@ def bf16_weights(model: torch.nn.Module, max_rows: int = DEFAULT_MAX_ROWS) -> in
 def enable(model: torch.nn.Module, max_rows: int = DEFAULT_MAX_ROWS) -> int:
     """Route `model`'s plain nn.Linear layers (CPU, fp32) through the kernel; returns how many. 0 when the
     kernel is unavailable here (the reason is logged) or nothing qualifies."""
-    todo = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
-            and m.weight.dtype == torch.float32 and m.in_features % 8 == 0]
+    todo = _plain_cpu_fp32_linears(model)
     if not todo or load_extension() is None:
         return 0
     for m in todo:

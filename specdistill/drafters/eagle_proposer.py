@@ -333,15 +333,12 @@ class EagleProposer(Proposer):
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear, except for bf16 weights of a bf16_weights drafting copy: the kernel (fp32 math) when it
-    applies, else the weight widened to x's dtype."""
+    """F.linear, except for the bf16 weights of a bf16_weights drafting copy (cpu_kernels.bf16_weight_linear)."""
     if w.dtype == x.dtype:
         return F.linear(x, w)
     from specdistill import cpu_kernels
 
-    if cpu_kernels.eligible(x, w, None, cpu_kernels.DEFAULT_MAX_ROWS, torch.bfloat16):
-        return cpu_kernels.small_linear(x, w)
-    return F.linear(x, w.to(x.dtype))
+    return cpu_kernels.bf16_weight_linear(x, w)
 
 
 def _drafting_copy(drafter: EagleDrafter, dtype: str) -> EagleDrafter:
@@ -356,22 +353,20 @@ def _drafting_copy(drafter: EagleDrafter, dtype: str) -> EagleDrafter:
     w = next(drafter.parameters())
     import copy
 
-    if dtype in ("auto", "bf16_weights") and w.device.type == "cpu" and w.dtype == torch.float32:
-        bf16_ok = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
-        if dtype == "bf16_weights" or not bf16_ok:
-            # No native bf16 math (e.g. AVX2-only): keep fp32 math but store the linears' weights as bf16
-            # for cpu_kernels' kernel, which widens them in registers: half the bytes a draft step reads.
-            from specdistill import cpu_kernels
-
-            if cpu_kernels.unavailable_reason() is None and cpu_kernels.load_extension() is not None:
-                cp = copy.deepcopy(drafter).eval().requires_grad_(False)
-                if cpu_kernels.bf16_weights(cp):
-                    return cp
-            dtype = "float32"
+    cpu_fp32 = w.device.type == "cpu" and w.dtype == torch.float32
     if dtype == "auto":
         bf16_ok = w.device.type == "cpu" and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
-        dtype = "bfloat16" if bf16_ok or w.dtype == torch.bfloat16 else "float32"
+        dtype = ("bfloat16" if bf16_ok or w.dtype == torch.bfloat16
+                 else "bf16_weights" if cpu_fp32 else "float32")
     if dtype == "bf16_weights":
+        # No native bf16 math (e.g. AVX2-only): keep fp32 math but store the linears' weights as bf16 for
+        # cpu_kernels' kernel, which widens them in registers: half the bytes a draft step reads.
+        from specdistill import cpu_kernels
+
+        if cpu_fp32 and cpu_kernels.unavailable_reason() is None and cpu_kernels.load_extension() is not None:
+            cp = copy.deepcopy(drafter).eval().requires_grad_(False)
+            if cpu_kernels.bf16_weights(cp):
+                return cp
         dtype = "float32"  # not a CPU fp32 drafter, or no kernel here: plain fp32
     want = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     if w.dtype == want:

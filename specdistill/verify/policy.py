@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from specdistill import cpu_kernels
+
 CACHE_VERSION = 1
 
 
@@ -66,13 +68,7 @@ def cost_key(target) -> dict:
             "hidden": getattr(cfg, "hidden_size", 0), "layers": getattr(cfg, "num_hidden_layers", 0),
             "vocab": target.vocab_size, "dtype": str(next(target.model.parameters()).dtype), "device": str(dev),
             "gpu": gpu, "threads": torch.get_num_threads(), "cpu": _cpu_name(), "torch": torch.__version__,
-            "cpu_kernels": _kernel_count(target.model)}
-
-
-def _kernel_count(model) -> int:
-    from specdistill import cpu_kernels
-
-    return cpu_kernels.enabled_count(model)
+            "cpu_kernels": cpu_kernels.enabled_count(target.model)}
 
 
 def default_cache_dir() -> Path:
@@ -167,11 +163,13 @@ class AdaptivePolicy:
             raise ValueError(f"AdaptivePolicy: max_tokens must be >= 1, got {max_tokens}")
         if (not 0 < decay <= 1 or not 0 < idle_decay <= 1 or margin < 0 or min_gap < 1 or max_gap < min_gap
                 or optimism < 0):
-            raise ValueError(f"AdaptivePolicy: bad settings decay={decay} margin={margin} gap={min_gap}..{max_gap}")
+            raise ValueError(f"AdaptivePolicy: bad settings decay={decay} idle_decay={idle_decay} margin={margin} "
+                             f"gap={min_gap}..{max_gap} optimism={optimism}")
         self.cost, self.max_tokens, self.margin, self.decay = cost, max_tokens, margin, decay
         self.carry_weight, self.min_gap, self.max_gap = carry_weight, min_gap, max_gap
         self.optimism, self.idle_decay = optimism, idle_decay
         self._catch_up = True  # the next draft also commits the positions of a prompt / of plain passes
+        self._catch_up_pass = False  # the pass just chosen is such a catch-up draft
         K = max_tokens
         self.acc = [0.0] * (K + 1)  # decayed accepted / offered counts per draft position (index 1..K)
         self.off = [0.0] * (K + 1)
@@ -302,7 +300,7 @@ class AdaptivePolicy:
             # A draft right after plain passes (or a prompt) also commits their positions; that one-off
             # catch-up would make steady drafting look dearer than it is, so it is not fitted (unless
             # nothing else has been seen yet).
-            if not getattr(self, "_catch_up_pass", False) or not self._draft_obs:
+            if not self._catch_up_pass or not self._draft_obs:
                 self._draft_obs.append((float(k), draft_s))
                 self._draft_obs = self._draft_obs[-16:]
             else:
