@@ -3,6 +3,8 @@
     python benchmarks/ablate.py                                   # every arm, ~80k label tokens each
     python benchmarks/ablate.py --tokens 50000 --arms baseline,frozen_head --threads 1
     python benchmarks/ablate.py --arm 'mine=train.lr=1e-4 drafter.freeze_lm_head=true'   # an extra arm
+    python benchmarks/ablate.py --minutes 8 --subset-tokens 100000 --tau-questions 13 --threads 1 \
+        --arms-dir arms-8min --json benchmarks/results/ablate_cheap_8min.json      # equal wall-clock
 
 Data (the same for every arm): training conversations of the embedded ShareGPT (the prepared train split,
 prepared order, minus the conversations of the self-distillation corpus) until their label tokens cover
@@ -21,6 +23,12 @@ label tokens / seconds from each step's feature read to the end of its optimizer
 a warm-up, excluded), measured in this run. An arm whose <out>/arms/<name>/result.json exists is not
 retrained (resumable); --force retrains. `<arm>_seed<N>` re-runs an arm with seed N (its own data order
 and init); the spread of baseline, baseline_seed1, ... is the noise floor wins are judged against.
+
+Equal wall-clock (--minutes M, issue 15's cheaper objectives): every arm trains for M minutes instead of to
+--tokens (train.max_minutes; constant lr after warm-up so the stop time shapes nothing), so an arm that does
+less work per label token sees more of them; the default arms are the recipe (baseline), 2 TTT steps, a
+4,096-word draft vocabulary (the subset's most frequent labels) and half of the loss positions at unrolled
+steps >= 1 (drafter.late_step_loss_fraction=0.5). --tau-questions N also decodes each arm (chain of 4).
 
 Learning curves (issue 15): `prepare(...)` builds the data once; `train_arm(setup, overrides, tokens,
 seed, curve_tokens=[...])` trains one arm and calls `measure` at every label-token count of
@@ -66,7 +74,15 @@ ARMS: dict[str, list[str]] = {
     "lr_6e-4": ["train.lr=6e-4"],
     "lr_1e-3": ["train.lr=1e-3"],  # the recipe's lr since issue 16
     "issue_warmup": ["train.warmup_steps={warmup_issue}"],
+    # issue 15's cheaper objectives, meant for --minutes (equal wall-clock): less work per label token
+    "ttt_2": ["drafter.ttt_steps=2"],
+    "ttt_1": ["drafter.ttt_steps=1"],
+    "vocab_4096": ["drafter.draft_vocab_size=4096"],
+    "late_rows_half": ["drafter.late_step_loss_fraction=0.5"],
+    "late_rows_quarter": ["drafter.late_step_loss_fraction=0.25"],
 }
+CHEAP_ARMS = ("baseline", "ttt_2", "vocab_4096", "late_rows_half")  # --minutes' default arms
+PER_TOKEN_ARMS = [a for a in ARMS if a not in ("ttt_2", "ttt_1", "vocab_4096", "late_rows_half", "late_rows_quarter")]
 SEED_ARM = "baseline_seed1"  # the baseline with seed 1: the noise estimate (any <arm>_seed<N> works)
 
 
@@ -80,6 +96,7 @@ class Setup:
     layers: list[int]
     info: dict
     train_labels: list[int]  # label tokens of each training sample, in cache order
+    counts: object = None    # label-token counts of the training subset (draft vocabularies of other sizes)
 
 
 def _label_tokens(sample) -> int:
@@ -168,7 +185,7 @@ def prepare(out: Path, tokens: int, target_name: str = "default", limit: int = 8
             "draft_vocab_coverage": round(vocab.coverage(counts, t2d), 4),
             "feature_cache_s": round(time.perf_counter() - t0, 1), "feature_layers": layers}
     return Setup(target, features.open_cache(cache, "train"), features.open_cache(cache, "val"), d2t, t2d, layers,
-                 info, [_label_tokens(s) for s in chosen])
+                 info, [_label_tokens(s) for s in chosen], counts)
 
 
 def steps_for_tokens(label_tokens: list[int], tokens: int, micro_batch_size: int, seed: int) -> tuple[int, int]:
@@ -218,6 +235,27 @@ def measure(drafter, setup: Setup, batch_size: int = 4) -> dict:
             "tokens": [total[j] for j in steps], "val_loss_step0": round(loss0 / max(total.get(0, 1), 1), 4)}
 
 
+@torch.no_grad()
+def decode_tau(drafter, target, n_questions: int, max_new_tokens: int) -> dict:
+    """Greedy chain-of-4 decode of the first turns of the first n Spec-Bench questions (no baseline)."""
+    from specdistill.data.questions import load_questions
+    from specdistill.verify.evaluate import run_eval
+    from specdistill.verify.proposer import ProposerOptions
+
+    qset = load_questions(None)
+    qset.questions = [type(q)(q.question_id, q.category, q.turns[:1]) for q in qset.questions[:n_questions]]
+    was = drafter.training
+    drafter.eval()
+    try:
+        res = run_eval(target, drafter.proposer(target, ProposerOptions(num_draft_tokens=4)), qset,
+                       max_new_tokens=max_new_tokens, baseline=False, progress=False)
+    finally:
+        drafter.train(was)
+    o = res["overall"]
+    return {"tau": round(o["tau"], 4), "alpha": [None if a is None else round(a, 4) for a in o["alpha"]],
+            "questions": n_questions, "max_new_tokens": max_new_tokens}
+
+
 def _resolve(overrides: list[str], steps: int) -> list[str]:
     """Placeholders: {warmup_1pct} = speculators' warmup (1% of the steps); {warmup_issue} = the issue-16 run's
     share (50 warmup steps of its 72, the recipe's warmup_steps=50 at ~84k label tokens) of these steps."""
@@ -225,8 +263,10 @@ def _resolve(overrides: list[str], steps: int) -> list[str]:
 
 
 def train_arm(setup: Setup, overrides: list[str], tokens: int, seed: int, out_dir: Path,
-              mixed_precision: str = "", curve_tokens: list[int] | tuple = (), keep: dict | None = None) -> dict:
-    """Train the EAGLE-3 recipe + `overrides` for the steps reaching `tokens` label tokens; measure at the end
+              mixed_precision: str = "", curve_tokens: list[int] | tuple = (), keep: dict | None = None,
+              minutes: float = 0.0) -> dict:
+    """Train the EAGLE-3 recipe + `overrides` for the steps reaching `tokens` label tokens (or, with
+    `minutes` > 0, for that much wall time: train.max_minutes, whatever the tokens); measure at the end
     (and after each step whose cumulative label tokens first reach a value of curve_tokens); `keep`, when
     given, receives the trained drafter under "drafter"."""
     from accelerate.utils import set_seed
@@ -238,17 +278,27 @@ def train_arm(setup: Setup, overrides: list[str], tokens: int, seed: int, out_di
 
     probe = config.load("eagle", overrides[:0])
     mb = probe.train.micro_batch_size
-    steps, planned = steps_for_tokens(setup.train_labels, tokens, mb, seed)
+    if minutes > 0:  # wall-clock budget: the step count is whatever fits (the lr schedule should not depend on it)
+        steps, planned = 1_000_000, None
+    else:
+        steps, planned = steps_for_tokens(setup.train_labels, tokens, mb, seed)
     ov = _resolve(overrides, steps)
     run = ["train.features=offline", f"train.output_dir={out_dir}", f"train.max_steps={steps}", f"train.seed={seed}",
            "train.eval_every=0", "train.save_every=0", "train.progress=false", "train.trackers=[none]",
            "train.resume=false", "train.log_every=10"]
+    if minutes > 0:
+        run.append(f"train.max_minutes={minutes}")
     if mixed_precision:
         run.append(f"train.mixed_precision={mixed_precision}")
     cfg = config.load("eagle", run + ov)
     set_seed(seed)
     drafter = drafters.build(cfg.drafter, setup.target)
-    drafter.set_vocab_map(setup.d2t, setup.t2d)
+    d2t, t2d = setup.d2t, setup.t2d
+    if drafter.draft_vocab_size != d2t.numel():  # an arm with another draft vocabulary: the subset's top words
+        from specdistill.data import vocab
+
+        d2t, t2d = vocab.vocab_map_from_counts(setup.counts, drafter.draft_vocab_size)
+    drafter.set_vocab_map(d2t, t2d)
     tr = Trainer(cfg, setup.target, drafter, setup.train, None, collate_fn=features.make_collate(setup.train),
                  target_fn=features.offline_target_fn(setup.train, setup.target))
     inner, opt_step = tr.target_fn, tr.optimizer.step
@@ -274,7 +324,9 @@ def train_arm(setup: Setup, overrides: list[str], tokens: int, seed: int, out_di
     res = tr.fit()
     if keep is not None:  # the trained drafter, for a caller that also decodes with it
         keep["drafter"] = drafter
-    if res["tokens_seen"] != planned:
+    if planned is None:
+        steps, planned = len(ends), res["tokens_seen"]
+    elif res["tokens_seen"] != planned:
         raise RuntimeError(f"Trainer saw {res['tokens_seen']} label tokens, planned {planned}: the order replica "
                            "in steps_for_tokens no longer matches Trainer._loader")
     secs = [e - s for s, e in zip(starts, ends)]
@@ -286,7 +338,8 @@ def train_arm(setup: Setup, overrides: list[str], tokens: int, seed: int, out_di
     resolved = {"lr": t.lr, "betas": list(t.betas), "weight_decay": t.weight_decay, "grad_clip": t.grad_clip,
                 "warmup_steps": t.warmup_steps, "lr_schedule": t.lr_schedule, "min_lr_ratio": t.min_lr_ratio,
                 "freeze_lm_head": d.freeze_lm_head, "step_loss_decay": d.step_loss_decay,
-                "step_loss_norm": d.step_loss_norm, "feature_noise": d.feature_noise}
+                "step_loss_norm": d.step_loss_norm, "feature_noise": d.feature_noise, "ttt_steps": d.unroll_steps(),
+                "draft_vocab_size": drafter.draft_vocab_size, "late_step_loss_fraction": d.late_step_loss_fraction}
     return {"overrides": ov, "config": resolved, "seed": seed, "steps": steps, "label_tokens": planned,
             "label_tokens_per_s": round(tok_s, 1), "train_s": round(sum(secs), 1),
             "mixed_precision": topology.resolve_precision(cfg.train.mixed_precision),
@@ -297,7 +350,7 @@ def train_arm(setup: Setup, overrides: list[str], tokens: int, seed: int, out_di
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=80_000, help="label tokens per arm")
-    ap.add_argument("--arms", default=",".join([*ARMS, SEED_ARM]), help="comma-separated arm names")
+    ap.add_argument("--arms", default=",".join([*PER_TOKEN_ARMS, SEED_ARM]), help="comma-separated arm names")
     ap.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
                     help="an extra arm: name=space-separated key=value overrides of the EAGLE recipe (repeatable)")
     ap.add_argument("--subset-tokens", type=int, default=0,
@@ -311,8 +364,17 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="benchmarks/results/ablate.json")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="retrain arms whose result exists")
+    ap.add_argument("--minutes", type=float, default=0.0,
+                    help="equal wall-clock instead of equal tokens: train each arm this many minutes (constant lr "
+                         "after warm-up, train.min_lr_ratio=1.0, so the stop time does not shape the schedule); "
+                         "default arms: " + ",".join(CHEAP_ARMS))
+    ap.add_argument("--tau-questions", type=int, default=0,
+                    help="also decode each trained arm on the first turns of this many Spec-Bench questions (chain of 4)")
+    ap.add_argument("--tau-tokens", type=int, default=48)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    if args.minutes > 0 and not any(a == "--arms" or a.startswith("--arms=") for a in argv):
+        args.arms = ",".join(CHEAP_ARMS)
     if args.threads:
         torch.set_num_threads(args.threads)
     arms = {k: list(v) for k, v in ARMS.items()}
@@ -339,16 +401,23 @@ def main(argv=None) -> int:
         results = {}
         for name in names:
             rpath = out / args.arms_dir / name / "result.json"
+            budget = {"minutes_requested": args.minutes} if args.minutes > 0 else {"tokens_requested": args.tokens}
+            budget["tau_questions"] = args.tau_questions
             if rpath.exists() and not args.force:
                 r = json.loads(rpath.read_text())
-                if r.get("tokens_requested") == args.tokens:
+                if all(r.get(k, 0) == v for k, v in budget.items()):
                     results[name] = r
                     print(f"[ablate] {name}: reused {rpath}", file=sys.stderr, flush=True)
                     continue
             seed = seeds[name]
             t0 = time.perf_counter()
-            r = train_arm(setup, arms[name], args.tokens, seed, out / args.arms_dir / name / "run", args.mixed_precision)
-            r.update(tokens_requested=args.tokens, wall_s=round(time.perf_counter() - t0, 1))
+            ov = arms[name] + (["train.min_lr_ratio=1.0"] if args.minutes > 0 else [])
+            keep: dict = {}
+            r = train_arm(setup, ov, args.tokens, seed, out / args.arms_dir / name / "run", args.mixed_precision,
+                          keep=keep, minutes=args.minutes)
+            r.update(budget, wall_s=round(time.perf_counter() - t0, 1))
+            if args.tau_questions:
+                r["decode"] = decode_tau(keep["drafter"], setup.target, args.tau_questions, args.tau_tokens)
             fsutil.atomic_write_text(rpath, json.dumps(r, indent=1))
             results[name] = r
             print(f"[ablate] {name}: agreement {r['agreement']} tok/s {r['label_tokens_per_s']}", file=sys.stderr,
@@ -367,7 +436,8 @@ def main(argv=None) -> int:
     # Binomial standard error of an agreement p over n tokens (independent-token approximation).
     se = [round(math.sqrt(p * (1 - p) / max(n, 1)), 4) for p, n in zip(base["agreement"], base["tokens"])] if base else None
     result = {"command": shlex.join(["python", "benchmarks/ablate.py", *argv]), "target": setup.target.name,
-              "tokens_per_arm": args.tokens, "data": setup.info, "torch_threads": torch.get_num_threads(),
+              **({"minutes_per_arm": args.minutes} if args.minutes > 0 else {"tokens_per_arm": args.tokens}),
+              "data": setup.info, "torch_threads": torch.get_num_threads(),
               "noise_baseline_seeds": noise, "baseline_binomial_se": se, "arms": results}
     emit(result, args.json)
     return 0

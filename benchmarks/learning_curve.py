@@ -110,27 +110,6 @@ def prepare_regenerated(out: Path, setup, path: str, tokens: int):
     return features.open_cache(cache, "train"), labels, info
 
 
-@torch.no_grad()
-def decode_tau(drafter, target, n_questions: int, max_new_tokens: int) -> dict:
-    """Greedy chain-of-4 decode of the first turns of the first n Spec-Bench questions (no baseline)."""
-    from specdistill.data.questions import load_questions
-    from specdistill.verify.evaluate import run_eval
-    from specdistill.verify.proposer import ProposerOptions
-
-    qset = load_questions(None)
-    qset.questions = [type(q)(q.question_id, q.category, q.turns[:1]) for q in qset.questions[:n_questions]]
-    was = drafter.training
-    drafter.eval()
-    try:
-        res = run_eval(target, drafter.proposer(target, ProposerOptions(num_draft_tokens=4)), qset,
-                       max_new_tokens=max_new_tokens, baseline=False, progress=False)
-    finally:
-        drafter.train(was)
-    o = res["overall"]
-    return {"tau": round(o["tau"], 4), "alpha": [None if a is None else round(a, 4) for a in o["alpha"]],
-            "questions": n_questions, "max_new_tokens": max_new_tokens}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=44_000, help="label-token budget of every arm")
@@ -188,7 +167,7 @@ def main(argv=None) -> int:
                      fit=fit(r["curve"], args.fit_from, r["label_tokens_per_s"]))
             if args.tau_questions:
                 try:
-                    r["decode"] = decode_tau(keep["drafter"], setup.target, args.tau_questions, args.tau_tokens)
+                    r["decode"] = ablate.decode_tau(keep["drafter"], setup.target, args.tau_questions, args.tau_tokens)
                 except Exception as e:  # the curve is the result; a failed decode must not lose it
                     r["decode"] = {"error": f"{type(e).__name__}: {e}"}
             fsutil.atomic_write_text(rpath, json.dumps(r, indent=1))

@@ -90,6 +90,10 @@ class EagleConfig:
     norm_output: bool = False
     """EAGLE-3.1: unrolled/draft steps >= 1 read the drafter's *final-normed* output norm(out) instead of
     out (the LM head input either way); no extra tensors (eagle3 only)."""
+    late_step_loss_fraction: float = 1.0
+    """Share of the loss positions scored at unrolled steps >= 1 while training, drawn afresh each step; the
+    step's loss is scaled by 1/fraction so its expectation is unchanged (a cheaper objective: the output layer
+    dominates a step). Step 0 and evaluation always score every position; 1 = all."""
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -116,6 +120,8 @@ class EagleConfig:
             raise ConfigError(f"drafter.feature_noise ({self.feature_noise}) must be >= 0")
         if self.hass_topk_weight < 0:
             raise ConfigError(f"drafter.hass_topk_weight ({self.hass_topk_weight}) must be >= 0")
+        if not 0.0 < self.late_step_loss_fraction <= 1.0:
+            raise ConfigError(f"drafter.late_step_loss_fraction ({self.late_step_loss_fraction}) must be in (0, 1]")
         if self.step_loss_norm not in ("step0", "per_step"):
             raise ConfigError(f"drafter.step_loss_norm ({self.step_loss_norm!r}) must be step0 or per_step")
         if self.freeze_lm_head and (self.variant != "eagle3" or not self.init_from_target):
@@ -428,6 +434,12 @@ class EagleDrafter(DraftVocabulary, Drafter):
             valid = p - 1 - j >= 0
             if not bool(valid.any()):
                 break
+            frac = cfg.late_step_loss_fraction if (j and self.training) else 1.0
+            if frac < 1.0:  # a fresh random share of this step's positions; the hidden states stay complete
+                valid = valid & (torch.rand(valid.shape, device=valid.device) < frac)
+                if not bool(valid.any()):
+                    hidden_in = out
+                    continue
             every = bool(valid.all())
 
             def sel(x, every=every, valid=valid):
@@ -456,6 +468,8 @@ class EagleDrafter(DraftVocabulary, Drafter):
                 metrics[f"loss_feature_step{j}"] = lf.detach()
             if cfg.step_loss_norm == "per_step" and not every:
                 step_loss = step_loss * (n0 / int(valid.sum()))  # the Trainer divides by n0: a mean over step j's
+            elif frac < 1.0:
+                step_loss = step_loss / frac  # the sampled positions' sum, scaled to its expectation over all
             total = total + w_step * step_loss
             metrics[f"correct_step{j}"] = (top == sel(t_top)).sum()
             metrics[f"tokens_step{j}"] = valid.sum()

@@ -676,3 +676,35 @@ def test_bf16_weights_drafting_copy_matches_fp32_math(target, batch, variant):
         b = bw.propose(ProposerState(ids[:12], hs))
         assert a.tokens.tolist() == b.tokens.tolist() and a.parents.tolist() == b.parents.tolist(), mode
     assert all(torch.equal(v, before[k]) for k, v in d.state_dict().items())
+
+
+def test_late_step_loss_fraction_samples_later_steps_without_bias(target, batch):
+    kw = dict(variant="eagle3", draft_vocab_size=64, ttt_steps=3)
+    full, half = _build(target, batch, **kw), _build(target, batch, late_step_loss_fraction=0.5, **kw)
+    tout = _target_out(target, full, batch)
+    full.train()
+    half.train()
+    ref = full.loss(batch, tout)
+    draws = []
+    for seed in range(300):
+        torch.manual_seed(seed)
+        out = half.loss(batch, tout)
+        # step 0 always scores every position; later steps score a random share of theirs
+        assert torch.equal(out.metrics["loss_token_step0"], ref.metrics["loss_token_step0"])
+        assert out.num_tokens == ref.num_tokens
+        draws.append(float(out.loss.detach()))
+    mean = sum(draws) / len(draws)
+    spread = (sum((d - mean) ** 2 for d in draws) / (len(draws) - 1)) ** 0.5
+    assert spread > 0  # the draws differ: the subsample is real
+    assert abs(mean - float(ref.loss)) < 4 * spread / len(draws) ** 0.5  # unbiased: rescaled by 1/fraction
+    kept = [int(half.loss(batch, tout).metrics["tokens_step1"]) for _ in range(50)]
+    assert 0.35 < sum(kept) / 50 / int(ref.metrics["tokens_step1"]) < 0.65
+    # evaluation (and the validation agreement) scores every position, as without the option
+    half.eval()
+    full.eval()
+    ev_half, ev_full = half.loss(batch, tout), full.loss(batch, tout)
+    assert torch.allclose(ev_half.loss, ev_full.loss)
+    assert ev_half.metrics["tokens_step2"] == ev_full.metrics["tokens_step2"]
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="late_step_loss_fraction"):
+            EagleConfig(late_step_loss_fraction=bad)
