@@ -117,6 +117,28 @@ def test_cli_regenerate(tmp_path, sharegpt_file):
     assert len(files) == 1 and [r["id"] for r in _lines(files[0])] == ["c0", "c1", "c2"]
 
 
+def test_cli_regenerate_bf16_writes_its_own_file(tmp_path, sharegpt_file, capsys):
+    """--dtype bfloat16 regenerates with a bf16 copy of the target; the key records the dtype, so its
+    answers never land in (or continue) the float32 corpus."""
+    from conftest import make_llama, make_tokenizer
+
+    from specdistill.cli import main
+
+    tdir = tmp_path / "tiny"
+    make_llama().save_pretrained(tdir)
+    make_tokenizer().save_pretrained(tdir)
+    args = ["data", "regenerate", str(sharegpt_file), "--target", str(tdir), "--max-new-tokens", "3",
+            "--out", str(tmp_path / "out"), "--limit", "2"]
+    main(args)
+    main(args + ["--dtype", "bfloat16"])
+    assert "not token-identical" in capsys.readouterr().err
+    files = sorted((tmp_path / "out").glob("convs-*.jsonl"))
+    assert len(files) == 2
+    assert all([r["id"] for r in _lines(f)] == ["c0", "c1"] for f in files)
+    with pytest.raises(SystemExit):
+        main(args + ["--dtype", "float16"])  # not offered: fp16 matmuls are slow on CPUs
+
+
 def test_finished_conversations_survive_an_interruption(tmp_path, tiny_target, tiny_conversations, monkeypatch):
     short = {"id": "s", "conversations": tiny_conversations[0]["conversations"][:2]}
     long = dict(tiny_conversations[1], id="l")

@@ -617,7 +617,10 @@ def run(args) -> int:
     from specdistill.data.stats import SkipCounter
 
     source = args.source_opt or args.source
-    target = targets.load(args.target)
+    target = targets.load(targets.TargetConfig(name=args.target, dtype=args.dtype))
+    if args.dtype != "float32":  # the fingerprint (and so the file name) records the dtype
+        print(f"[regenerate] target cast to {args.dtype}: its greedy answers are not token-identical to the "
+              "float32 target's (a near-tie argmax flips)", file=sys.stderr)
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "seed": args.seed, "max_prompt_tokens": args.max_prompt_tokens}
     # greedy answers are the same from either engine; sampled ones are not, so they key the file apart
@@ -650,6 +653,10 @@ def register_data_subcommand(data_subparsers) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "static", "hf"],
                    help="static: preallocated KV cache, finished rows refilled in flight (llama/mistral/qwen2); "
                         "hf: rounds of padded HF generate; auto: static where supported")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the target's weights and math: float32 = its exact greedy answers; bfloat16 = ~2x faster "
+                        "on CPUs with native bf16 (AMX / AVX512-BF16) and on GPUs, answers of the bf16-cast target "
+                        "(another file: the key records the dtype)")
     p.add_argument("--max-prompt-tokens", type=int, default=512,
                    help="stop a conversation at the first turn whose prompt is longer (training cuts samples "
                         "at data.max_length anyway, default 512)")
