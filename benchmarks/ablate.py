@@ -16,7 +16,8 @@ the target per training-time-test step j = 0, 1, 2 (step j reads the drafter's o
 counted over every assistant token of that corpus, in fp32.
 
 Each arm = recipes/configs/eagle.yaml + its overrides, the drafter built with the same seed and draft
-vocabulary (8,192 most frequent training labels), trained by the real Trainer (offline features, the
+vocabulary (the recipe's size of the subset's most frequent labels: 8,192 in results/ablate*.json and
+learning_curve.json, 4,096 since ablate_cheap_6min.json), trained by the real Trainer (offline features, the
 recipe's mixed precision) for the number of optimizer steps whose batches (the Trainer's seeded order)
 first reach --tokens label tokens, so every arm of a seed sees identical batches. Label tokens/s =
 label tokens / seconds from each step's feature read to the end of its optimizer step (the first step,
@@ -26,9 +27,10 @@ and init); the spread of baseline, baseline_seed1, ... is the noise floor wins a
 
 Equal wall-clock (--minutes M, issue 15's cheaper objectives): every arm trains for M minutes instead of to
 --tokens (train.max_minutes; constant lr after warm-up so the stop time shapes nothing), so an arm that does
-less work per label token sees more of them; the default arms are the recipe (baseline), 2 TTT steps, a
-4,096-word draft vocabulary (the subset's most frequent labels) and half of the loss positions at unrolled
-steps >= 1 (drafter.late_step_loss_fraction=0.5). --tau-questions N also decodes each arm (chain of 4).
+less work per label token sees more of them; the default arms are the recipe (baseline: 4,096 draft words since
+benchmarks/results/ablate_cheap_6min.json, whose "baseline" was the 8,192 of then, now the vocab_8192 arm), 2 TTT
+steps, and half of the loss positions at unrolled steps >= 1 (drafter.late_step_loss_fraction=0.5). Each arm's
+draft vocabulary is the subset's most frequent labels; the JSON records every arm's resolved settings. --tau-questions N also decodes each arm (chain of 4).
 
 Learning curves (issue 15): `prepare(...)` builds the data once; `train_arm(setup, overrides, tokens,
 seed, curve_tokens=[...])` trains one arm and calls `measure` at every label-token count of
@@ -77,12 +79,14 @@ ARMS: dict[str, list[str]] = {
     # issue 15's cheaper objectives, meant for --minutes (equal wall-clock): less work per label token
     "ttt_2": ["drafter.ttt_steps=2"],
     "ttt_1": ["drafter.ttt_steps=1"],
-    "vocab_4096": ["drafter.draft_vocab_size=4096"],
+    "vocab_4096": ["drafter.draft_vocab_size=4096"],  # the recipe's size since this sweep (= baseline now)
+    "vocab_8192": ["drafter.draft_vocab_size=8192"],  # the recipe's size before it
     "late_rows_half": ["drafter.late_step_loss_fraction=0.5"],
     "late_rows_quarter": ["drafter.late_step_loss_fraction=0.25"],
 }
-CHEAP_ARMS = ("baseline", "ttt_2", "vocab_4096", "late_rows_half")  # --minutes' default arms
-PER_TOKEN_ARMS = [a for a in ARMS if a not in ("ttt_2", "ttt_1", "vocab_4096", "late_rows_half", "late_rows_quarter")]
+CHEAP_ARMS = ("baseline", "vocab_8192", "ttt_2", "late_rows_half")  # --minutes' default arms
+PER_TOKEN_ARMS = [a for a in ARMS if a not in ("ttt_2", "ttt_1", "vocab_4096", "vocab_8192", "late_rows_half",
+                                               "late_rows_quarter")]
 SEED_ARM = "baseline_seed1"  # the baseline with seed 1: the noise estimate (any <arm>_seed<N> works)
 
 

@@ -48,6 +48,16 @@ _HEADER_MARGIN = 256 * 1024  # safetensors header + alignment, kept below each s
 # Shards: tensors (optionally as GGUF-style codes) split into safetensors files of bounded size
 
 
+
+def _init_vocab(init_from: str) -> list[str]:
+    """A warm start keeps its drafter's draft vocabulary (the recipe's default may have changed since it was
+    trained: 8192 -> 4096 words): the override that makes the run build the same shape."""
+    meta = Path(init_from) / "specdistill_export.json" if init_from else None
+    if not meta or not meta.is_file():
+        return []
+    vd = json.loads(meta.read_text()).get("drafter_config", {}).get("draft_vocab_size")
+    return [f"drafter.draft_vocab_size={int(vd)}"] if vd is not None else []
+
 def _fp16_candidates(est: torch.Tensor) -> list[torch.Tensor]:
     """est (fp16, >= 0) and its fp16 neighbours, as fp32: the stored scale is one of them."""
     bits = est.view(torch.int16).to(torch.int32)
@@ -434,7 +444,7 @@ def run(args) -> dict:
         f"train.eval_every={args.eval_every}", f"train.warmup_steps={args.warmup_steps}",
         f"train.init_from={args.init_from}" if args.init_from else "train.init_from=",
         "export.formats=[native]", f"export.dtype={args.export_dtype}", "eval.limit_per_category=-1",
-    ] + list(args.set or [])
+    ] + _init_vocab(args.init_from) + list(args.set or [])
     cfg = config.load("eagle", overrides)
     trained = pipeline.train_drafter(cfg)
     t_train = time.time()

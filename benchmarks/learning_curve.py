@@ -8,7 +8,8 @@ ShareGPT vs the target's own regenerated text at the same budget, fitted and ext
 Both arms use benchmarks/ablate.py's setup, so their numbers are comparable with the ablation's: the
 EAGLE-3 recipe (recipes/configs/eagle.yaml with train.min_lr_ratio=1.0, i.e. constant lr after warm-up, so
 each checkpoint is a point of one long run; offline features, the recipe's mixed precision, seed 0), the
-same 8,192-word draft vocabulary, and the same validation text: the committed self-distillation corpus
+recipe's draft vocabulary (8,192 words in results/learning_curve.json; 4,096 since ablate_cheap_6min.json),
+and the same validation text: the committed self-distillation corpus
 (the target's greedy answers; its conversations are never trained on). The metric is teacher-forced
 top-1 agreement with the target per training-time-test step (0 = alpha_1's teacher-forced twin),
 measured after the optimizer step whose cumulative label tokens first reach each log-spaced checkpoint.

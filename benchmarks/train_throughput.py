@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                       # 3 batches of 8 x 512 on the embedded target
     python benchmarks/train_throughput.py --batches 2 --mixed-precision bf16 --draft-vocab 8192
     python benchmarks/train_throughput.py --recipe eagle --mixed-precision auto --skip-online --threads 1   # shipped
+    python benchmarks/train_throughput.py --recipe eagle --mixed-precision auto --set drafter.ttt_steps=2 --threads 1
 
 Every batch is B samples cut to exactly L tokens (no padding), so the target-only pass, the
 online training run and the offline run process identical tensors. Tokens/s counts all input
@@ -69,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-vocab", type=int, default=8192)
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "auto"])
     ap.add_argument("--recipe", default="", help="start from this recipe's YAML (e.g. eagle: its shipped defaults)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override (repeatable), e.g. drafter.late_step_loss_fraction=0.5 or drafter.ttt_steps=2")
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--skip-online", action="store_true", help="time only the offline-cache run")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
@@ -111,7 +114,7 @@ def run(args) -> dict:
     pad = target.tokenizer.pad_token_id
     batches = [collate(samples[i:i + args.batch_size], pad) for i in range(0, n, args.batch_size)]
     drafter_cfg_overrides = ["drafter.name=eagle", "drafter.variant=eagle3",
-                             f"drafter.draft_vocab_size={args.draft_vocab}"]
+                             f"drafter.draft_vocab_size={args.draft_vocab}", *args.set]
     dcfg = config.load(args.recipe or None, drafter_cfg_overrides).drafter
     layers = dcfg.resolved_layer_ids(target.num_layers)
 
@@ -142,7 +145,7 @@ def run(args) -> dict:
 
     result = {"target": target.name, "batch": [args.batch_size, args.seq_len], "batches": args.batches,
               "draft_vocab_size": args.draft_vocab, "draft_vocab_coverage": round(vocab.coverage(counts, t2d), 4),
-              "recipe": args.recipe or None, "mixed_precision": args.mixed_precision, "torch_threads": torch.get_num_threads(),
+              "recipe": args.recipe or None, "overrides": args.set, "mixed_precision": args.mixed_precision, "torch_threads": torch.get_num_threads(),
               "target_forward_s_per_batch": round(fwd_s, 3),
               "target_forward_tokens_per_s": round(tokens_per_batch / fwd_s, 1)}
 
