@@ -30,7 +30,8 @@ Equal wall-clock (--minutes M, issue 15's cheaper objectives): every arm trains 
 less work per label token sees more of them; the default arms are the recipe (baseline: 4,096 draft words since
 benchmarks/results/ablate_cheap_6min.json, whose "baseline" was the 8,192 of then, now the vocab_8192 arm), 2 TTT
 steps, and half of the loss positions at unrolled steps >= 1 (drafter.late_step_loss_fraction=0.5). Each arm's
-draft vocabulary is the subset's most frequent labels; the JSON records every arm's resolved settings. --tau-questions N also decodes each arm (chain of 4).
+draft vocabulary is the subset's most frequent labels; the JSON records every arm's resolved settings.
+--tau-questions N also decodes each arm (chain of 4).
 
 Learning curves (issue 15): `prepare(...)` builds the data once; `train_arm(setup, overrides, tokens,
 seed, curve_tokens=[...])` trains one arm and calls `measure` at every label-token count of
@@ -76,7 +77,10 @@ ARMS: dict[str, list[str]] = {
     "lr_6e-4": ["train.lr=6e-4"],
     "lr_1e-3": ["train.lr=1e-3"],  # the recipe's lr since issue 16
     "issue_warmup": ["train.warmup_steps={warmup_issue}"],
-    # issue 15's cheaper objectives, meant for --minutes (equal wall-clock): less work per label token
+}
+PER_TOKEN_ARMS = list(ARMS)  # the default arms of an equal-tokens run
+# issue 15's cheaper objectives, meant for --minutes (equal wall-clock): less work per label token
+ARMS |= {
     "ttt_2": ["drafter.ttt_steps=2"],
     "ttt_1": ["drafter.ttt_steps=1"],
     "vocab_4096": ["drafter.draft_vocab_size=4096"],  # the recipe's size since this sweep (= baseline now)
@@ -85,8 +89,6 @@ ARMS: dict[str, list[str]] = {
     "late_rows_quarter": ["drafter.late_step_loss_fraction=0.25"],
 }
 CHEAP_ARMS = ("baseline", "vocab_8192", "ttt_2", "late_rows_half")  # --minutes' default arms
-PER_TOKEN_ARMS = [a for a in ARMS if a not in ("ttt_2", "ttt_1", "vocab_4096", "vocab_8192", "late_rows_half",
-                                               "late_rows_quarter")]
 SEED_ARM = "baseline_seed1"  # the baseline with seed 1: the noise estimate (any <arm>_seed<N> works)
 
 

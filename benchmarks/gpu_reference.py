@@ -49,15 +49,6 @@ _HEADER_MARGIN = 256 * 1024  # safetensors header + alignment, kept below each s
 
 
 
-def _init_vocab(init_from: str) -> list[str]:
-    """A warm start keeps its drafter's draft vocabulary (the recipe's default may have changed since it was
-    trained: 8192 -> 4096 words): the override that makes the run build the same shape."""
-    meta = Path(init_from) / "specdistill_export.json" if init_from else None
-    if not meta or not meta.is_file():
-        return []
-    vd = json.loads(meta.read_text()).get("drafter_config", {}).get("draft_vocab_size")
-    return [f"drafter.draft_vocab_size={int(vd)}"] if vd is not None else []
-
 def _fp16_candidates(est: torch.Tensor) -> list[torch.Tensor]:
     """est (fp16, >= 0) and its fp16 neighbours, as fp32: the stored scale is one of them."""
     bits = est.view(torch.int16).to(torch.int32)
@@ -395,6 +386,16 @@ def _until(it, deadline: float):
         if time.time() >= deadline:
             return
         yield x
+
+
+def _init_vocab(init_from: str) -> list[str]:
+    """A warm start keeps its drafter's draft vocabulary (the recipe's default may have changed since it was
+    trained: 8192 -> 4096 words): the override that makes the run build the same shape."""
+    meta = Path(init_from) / "specdistill_export.json" if init_from else None
+    if not meta or not meta.is_file():
+        return []
+    vd = json.loads(meta.read_text()).get("drafter_config", {}).get("draft_vocab_size")
+    return [f"drafter.draft_vocab_size={int(vd)}"] if vd is not None else []
 
 
 def run(args) -> dict:

@@ -42,7 +42,7 @@ def split(name: str) -> tuple[str, str]:
 
 def common_prefix_share(a: dict, b: dict) -> tuple[int, int]:
     """(characters of b's assistant turns that match a's from the start of each turn, characters of b's turns)."""
-    same = total = 0
+    same = 0
     ta = [m["value"] for m in a["conversations"] if m["from"] == "gpt"]
     tb = [m["value"] for m in b["conversations"] if m["from"] == "gpt"]
     for x, y in zip(ta, tb):

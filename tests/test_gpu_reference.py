@@ -131,3 +131,12 @@ def test_prepare_run_smoke_assemble_without_gguf(tmp_path):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
     tout = target(ids, batch["attention_mask"], layers=d.layer_ids, return_logits=False)
     assert torch.isfinite(d.loss(batch, tout).loss)
+
+
+def test_warm_start_keeps_the_init_exports_draft_vocabulary(gr, tmp_path):
+    """The recipe's draft vocabulary (4096) differs from the reference's (8192): a warm start from an export
+    gets the override that rebuilds the saved shape; a path without export metadata gets none."""
+    ref = ROOT / "reference" / "eagle3-smollm2-135m"
+    saved = json.loads((ref / "specdistill_export.json").read_text())["drafter_config"]["draft_vocab_size"]
+    assert gr["_init_vocab"](str(ref)) == [f"drafter.draft_vocab_size={saved}"]
+    assert gr["_init_vocab"]("") == [] and gr["_init_vocab"](str(tmp_path)) == []
